@@ -1,0 +1,64 @@
+"""Command-line entry points: each parses `--config FILE key.sub=value ...` and calls the library.
+
+The top-level scripts (train_vae.py, encode.py, train_ldm.py, infer.py) and the console
+scripts from pyproject.toml both land here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from ldm.config import ConfigError, load_config, to_dict
+
+
+def _stage_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 out_dir=runs/x")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def _load(cls, description: str, argv):
+    args = _stage_parser(description).parse_args(argv)
+    try:
+        cfg = load_config(cls, args.config, args.overrides)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    if args.dry_run:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return None
+    return cfg
+
+
+def train_vae_main(argv=None) -> None:
+    from ldm.train.vae import VAETrainConfig, train_vae
+
+    cfg = _load(VAETrainConfig, "Stage 1: train or fine-tune a KL-VAE (AutoencoderKL).", argv)
+    if cfg is not None:
+        print(f"VAE saved to {train_vae(cfg)}")
+
+
+def encode_main(argv=None) -> None:
+    from ldm.data.cache import EncodeConfig, encode_dataset
+
+    cfg = _load(EncodeConfig, "Stage 2: encode a dataset into a latent cache (resumable; accelerate launch for many GPUs).", argv)
+    if cfg is not None:
+        encode_dataset(cfg)
+
+
+def train_ldm_main(argv=None) -> None:
+    from ldm.train.ldm import LDMTrainConfig, train_ldm
+
+    cfg = _load(LDMTrainConfig, "Stage 3: train the text-conditioned U-Net on a latent cache.", argv)
+    if cfg is not None:
+        print(f"pipeline saved to {train_ldm(cfg)}")
+
+
+def infer_main(argv=None) -> None:
+    from ldm.infer import main
+
+    main(argv)

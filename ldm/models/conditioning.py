@@ -1,0 +1,37 @@
+"""Which text encoder conditions the U-Net: a preset (random, frozen), a local CLIP, or OpenCLIP."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ldm.config import require
+from ldm.models.text import EOS_TOKEN, TEXT_PRESETS, build_text_encoder, build_tokenizer, load_openclip_text_encoder, load_text_encoder
+
+
+@dataclasses.dataclass
+class TextEncoderConfig:
+    encoder: str = "tiny"          # a preset (tiny|small|sd15|sd2: random init, frozen) or a local CLIPTextModel /
+                                   # SD pipeline / trained-CLIP directory (train_clip.py output)
+    openclip_checkpoint: str = ""  # a local open_clip checkpoint (SD-2.x style); converted to a CLIPTextModel
+    openclip_model: str = "ViT-H-14"  # its open_clip model name
+    clip_skip: int = 0             # 0: last layer; k: k layers before the last (+ final LayerNorm)
+    seed: int = 0                  # init seed of a preset encoder
+    pad_token: str = EOS_TOKEN     # SD-1.x pads with <|endoftext|>, SD-2.x with "!"
+
+    def validate(self) -> None:
+        require(self.clip_skip >= 0, "text.clip_skip must be >= 0")
+        if self.openclip_checkpoint:
+            require(Path(self.openclip_checkpoint).is_file(), f"text.openclip_checkpoint: no such file {self.openclip_checkpoint!r}")
+        elif self.encoder not in TEXT_PRESETS:
+            require(Path(self.encoder).is_dir(),
+                    f"text.encoder {self.encoder!r} is neither a preset ({', '.join(TEXT_PRESETS)}) nor a directory")
+
+
+def load_text(cfg: TextEncoderConfig):
+    """(CLIPTextModel, CLIPTokenizer), frozen."""
+    if cfg.openclip_checkpoint:
+        return load_openclip_text_encoder(cfg.openclip_checkpoint, cfg.openclip_model)
+    if cfg.encoder in TEXT_PRESETS:
+        return build_text_encoder(cfg.encoder, seed=cfg.seed), build_tokenizer(pad_token=cfg.pad_token)
+    return load_text_encoder(cfg.encoder, pad_token=cfg.pad_token)

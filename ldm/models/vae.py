@@ -1,0 +1,100 @@
+"""Build or load the KL-VAE (diffusers' AutoencoderKL) and measure its latent scale.
+
+The latent scale is measured on the training data after stage 1 and stored in the saved
+AutoencoderKL config (`scaling_factor`, `shift_factor`), instead of assuming SD's 0.18215:
+a different VAE, or the same one on different data, has a different latent variance, and
+the diffusion schedule assumes unit-variance latents (Rombach et al. 2022, sec. 4.3.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from diffusers import AutoencoderKL
+
+from ldm.config import require
+from ldm.models.presets import VAE_PRESETS, vae_config
+
+
+@dataclasses.dataclass
+class VAEModelConfig:
+    preset: str = "kl-f4"                   # kl-f4 | kl-f8 (the SD layout) | kl-f16 | tiny-f4 | tiny-f8
+    pretrained: str = ""                    # a diffusers AutoencoderKL dir (or an SD pipeline dir) to fine-tune
+    block_out_channels: list[int] | None = None  # per-level widths; None: the preset's
+    latent_channels: int | None = None      # None: the preset's (4)
+    layers_per_block: int | None = None
+    use_shift: bool = False                 # also measure and store a mean shift (SD3/FLUX style)
+
+    def validate(self) -> None:
+        require(self.pretrained != "" or self.preset in VAE_PRESETS,
+                f"model.preset {self.preset!r} is not one of {sorted(VAE_PRESETS)}")
+        if self.pretrained:
+            require(Path(self.pretrained).is_dir(), f"model.pretrained: no such directory {self.pretrained!r}")
+
+
+def build_vae(cfg: VAEModelConfig, resolution: int | None = None) -> AutoencoderKL:
+    if cfg.pretrained:
+        return load_vae(cfg.pretrained)
+    overrides = {k: v for k, v in (("block_out_channels", cfg.block_out_channels),
+                                   ("latent_channels", cfg.latent_channels),
+                                   ("layers_per_block", cfg.layers_per_block)) if v is not None}
+    if cfg.block_out_channels is not None:  # the number of levels follows the widths given
+        overrides["down_block_types"] = ("DownEncoderBlock2D",) * len(cfg.block_out_channels)
+        overrides["up_block_types"] = ("UpDecoderBlock2D",) * len(cfg.block_out_channels)
+    if resolution is not None:
+        overrides["sample_size"] = resolution
+    return AutoencoderKL(**vae_config(cfg.preset, **overrides))
+
+
+def load_vae(path: str | Path) -> AutoencoderKL:
+    """An AutoencoderKL directory, or the `vae/` of a Stable Diffusion pipeline directory."""
+    path = Path(path)
+    if (path / "vae" / "config.json").exists():
+        path = path / "vae"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not an AutoencoderKL directory (no config.json)")
+    return AutoencoderKL.from_pretrained(path, local_files_only=True)
+
+
+def downsample_factor(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_scale(vae: AutoencoderKL) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) from the VAE config: z_model = (z - shift) * scale."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return float(vae.config.scaling_factor), float(shift)
+
+
+@torch.no_grad()
+def measure_latent_scale(vae: AutoencoderKL, batches: Iterable[torch.Tensor], use_shift: bool = False) -> tuple[float, float]:
+    """Scale (and shift) that bring posterior samples of these images to unit variance (and zero mean)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    device = next(vae.parameters()).device
+    for x in batches:
+        z = vae.encode(x.to(device)).latent_dist.sample().double()
+        total += z.sum().item()
+        total_sq += (z * z).sum().item()
+        count += z.numel()
+    mean = total / count
+    shift = mean if use_shift else 0.0
+    var = total_sq / count - 2 * shift * mean + shift * shift  # E[(z - shift)^2]
+    return float(1.0 / var**0.5), float(shift)
+
+
+def set_latent_scale(vae: AutoencoderKL, scale: float, shift: float) -> None:
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift if shift else None)
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A short, stable hash of a model's weights (names, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

@@ -1,0 +1,257 @@
+"""What the training loops share: the loop settings, the accelerator, metrics, checkpoints.
+
+Checkpoints (`<out>/checkpoints/step-N/`) hold everything a resume needs (models, optimisers,
+LR schedule, EMA, every RNG, the step) through `accelerate`'s `save_state`. They are written
+to a temporary directory and renamed into place, so a kill or a full disk while saving leaves
+the previous checkpoint whole; at most `checkpoints_total_limit` are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+
+from ldm.config import require, save_config
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    steps: int = 1000                 # optimiser steps in the whole run
+    batch_size: int = 16              # images per process per micro-batch
+    grad_accum: int = 1               # micro-batches per optimiser step
+    lr: float = 1e-4                  # peak learning rate
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
+    warmup_steps: int = 0             # linear LR warm-up, in optimiser steps
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0        # gradient clipping; 0 disables
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema_decay: float = 0.0            # 0 disables EMA; else the max decay of diffusers' EMAModel
+    ema_warmup: bool = True           # EMA warm-up (decay grows as 1 - (1 + step/inv_gamma)^-power)
+    seed: int = 0
+    num_workers: int = 0              # DataLoader worker processes
+    log_every: int = 10               # steps between metrics lines
+    eval_every: int = 0               # steps between evaluations (0: only at the end)
+    save_every: int = 0               # steps between resumable checkpoints (0: only at the end)
+    checkpoints_total_limit: int = 2  # resumable checkpoints kept on disk
+    max_nonfinite_steps: int = 5      # consecutive non-finite losses (steps skipped) before the run stops
+    report_to: Literal["none", "tensorboard", "all"] = "none"
+
+    def validate(self) -> None:
+        require(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
+        require(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
+        require(self.grad_accum > 0, f"train.grad_accum must be > 0, got {self.grad_accum}")
+        require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        require(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        require(self.checkpoints_total_limit >= 1, "train.checkpoints_total_limit must be >= 1")
+        require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: the run stops, its last checkpoint intact."""
+
+
+def make_accelerator(loop: LoopConfig, out_dir: Path) -> Accelerator:
+    trackers = None if loop.report_to == "none" else loop.report_to
+    if trackers == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            trackers = None
+    return Accelerator(
+        gradient_accumulation_steps=loop.grad_accum,
+        mixed_precision=loop.mixed_precision,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+    )
+
+
+def start_run(accelerator: Accelerator, cfg, out_dir: Path, name: str) -> "MetricsLog":
+    """Create the run directory, write the resolved config, open the metrics log."""
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        if accelerator.log_with:
+            accelerator.init_trackers(name, config=_flat(dataclasses.asdict(cfg)))
+    accelerator.wait_for_everyone()
+    return MetricsLog(out_dir / "metrics.jsonl", accelerator)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class MetricsLog:
+    """Appends one JSON object per line; forwards to accelerate's trackers when configured."""
+
+    def __init__(self, path: Path, accelerator: Accelerator):
+        self.path, self.accelerator = path, accelerator
+        self.t0 = time.time()
+
+    def write(self, step: int, **values) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {"step": step, "time": round(time.time() - self.t0, 3), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.accelerator.log_with:
+            self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+
+def lr_lambda(loop: LoopConfig):
+    """Multiplier of the peak LR at an optimiser step: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if step < loop.warmup_steps:
+            return (step + 1) / loop.warmup_steps
+        progress = (step - loop.warmup_steps) / max(1, loop.steps - loop.warmup_steps)
+        if loop.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if loop.lr_schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+def make_optimizer(params, loop: LoopConfig, lr: float | None = None, use_8bit: bool = False) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA), or bitsandbytes' 8-bit AdamW where installed and asked for."""
+    kwargs = dict(lr=lr or loop.lr, betas=(loop.adam_beta1, loop.adam_beta2), weight_decay=loop.weight_decay)
+    if use_8bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise RuntimeError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from err
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    params = list(params)
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in params if isinstance(p, torch.Tensor))
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    return out_dir / "checkpoints"
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (partial `.tmp-*` directories are ignored)."""
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "ldm_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(out_dir: Path, resume: str) -> Path | None:
+    """`resume` is "" (never), "latest" (newest complete checkpoint, if any) or a path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(out_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "ldm_state.json").exists():
+        raise FileNotFoundError(f"resume: {path} is not a complete checkpoint (no ldm_state.json)")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, limit: int, extra: dict | None = None) -> Path:
+    """Atomic: write into `.tmp-step-N`, mark complete, rename; then prune the oldest."""
+    root = checkpoint_dir(out_dir)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        # important: the marker is written last; a checkpoint without it is never resumed from.
+        (tmp / "ldm_state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
+    accelerator.load_state(str(path))
+    return json.loads((path / "ldm_state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The batches of one epoch: a permutation fixed by (seed, epoch), cut into global batches,
+    each split across processes. A pure function, so a resumed run sees the same data order."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    global_batch = batch_size * world
+    batches = []
+    for start in range(0, n - global_batch + 1, global_batch):
+        chunk = order[start : start + global_batch]
+        batches.append(chunk[rank * batch_size : (rank + 1) * batch_size])
+    if not batches:
+        raise ValueError(f"dataset of {n} items is smaller than one global batch ({global_batch})")
+    return batches
+
+
+def batch_indices(n: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world: int = 1) -> Iterator[list[int]]:
+    """Endless stream of index batches starting at global batch number `start_batch`."""
+    per_epoch = len(epoch_batches(n, batch_size, seed, 0, rank, world))
+    epoch, offset = divmod(start_batch, per_epoch)
+    while True:
+        for batch in epoch_batches(n, batch_size, seed, epoch, rank, world)[offset:]:
+            yield batch
+        epoch, offset = epoch + 1, 0
+
+
+class NonFiniteGuard:
+    """Counts consecutive non-finite losses; the caller skips those steps."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def ok(self, loss: torch.Tensor) -> bool:
+        if torch.isfinite(loss).all():
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.in_a_row} non-finite losses in a row (limit train.max_nonfinite_steps={self.limit}); "
+                "stopping. The last checkpoint is intact: lower train.lr or use bf16 instead of fp16, then resume."
+            )
+        return False

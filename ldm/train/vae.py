@@ -1,0 +1,223 @@
+"""Stage 1: train (or fine-tune) a KL-VAE, measure its latent scale, save an AutoencoderKL dir.
+
+Output (`<out_dir>/`): `vae/` (AutoencoderKL.save_pretrained, EMA weights when EMA is on, with
+`scaling_factor`/`shift_factor` measured on the training data), `eval.json` (held-out PSNR,
+SSIM, rFID when a feature network is available, latent std after scaling), `recon-*.png`
+grids, `metrics.jsonl`, `config.yaml`, and `checkpoints/step-N/` for resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ldm.config import require
+from ldm.data.images import DataConfig, ImageStore, image_grid, load_images
+from ldm.losses import VAELoss, VAELossConfig
+from ldm.metrics import reconstruction_metrics
+from ldm.models.vae import (VAEModelConfig, build_vae, downsample_factor, measure_latent_scale,
+                            set_latent_scale)
+from ldm.train.common import (LoopConfig, NonFiniteGuard, batch_indices, load_checkpoint, lr_lambda,
+                              make_accelerator, make_optimizer, resolve_resume, save_checkpoint, start_run)
+
+
+@dataclasses.dataclass
+class VAETrainConfig:
+    out_dir: str = "runs/vae"          # run directory; the AutoencoderKL lands in <out_dir>/vae
+    resume: str = "latest"             # "latest" (re-running the same command resumes), "" or a checkpoint path
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: VAEModelConfig = dataclasses.field(default_factory=VAEModelConfig)
+    loss: VAELossConfig = dataclasses.field(default_factory=VAELossConfig)
+    train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    disc_lr: float = 0.0               # discriminator LR (0: same as train.lr)
+    scale_images: int = 512            # training images used to measure the latent scale
+    grid_images: int = 16              # held-out images in each reconstruction grid
+    fid: bool = False                  # rFID on the held-out set (needs a feature network, see ldm.metrics)
+
+    def validate(self) -> None:
+        require(self.scale_images > 0, "scale_images must be > 0")
+        if not self.model.pretrained:
+            factor = 2 ** (len(self.model.block_out_channels or [0] * _preset_levels(self.model.preset)) - 1)
+            require(self.data.transform.resolution % factor == 0,
+                    f"data.transform.resolution={self.data.transform.resolution} is not divisible by the "
+                    f"VAE's downsampling factor {factor} (model.preset={self.model.preset})")
+
+
+def _preset_levels(preset: str) -> int:
+    from ldm.models.presets import vae_config
+
+    return len(vae_config(preset)["block_out_channels"])
+
+
+def train_vae(cfg: VAETrainConfig) -> Path:
+    out_dir = Path(cfg.out_dir)
+    loop = cfg.train
+    accelerator = make_accelerator(loop, out_dir)
+    log = start_run(accelerator, cfg, out_dir, "vae")
+    torch.manual_seed(loop.seed)
+
+    # --- data: decoded once; held-out images for evaluation
+    train_set = load_images(cfg.data, "train", desc=None if accelerator.is_main_process else "")
+    eval_set = load_images(cfg.data, "eval", desc="")
+    if accelerator.is_main_process:
+        print(train_set.report.summary())
+    require(len(train_set) >= loop.batch_size * accelerator.num_processes,
+            f"only {len(train_set)} usable training images, fewer than one batch")
+
+    # --- model, loss (holds logvar and the discriminator), optimisers, EMA
+    vae = build_vae(cfg.model, cfg.data.transform.resolution)
+    loss_fn = VAELoss(cfg.loss)
+    opt_ae = make_optimizer(list(vae.parameters()) + [loss_fn.logvar], loop)  # important: logvar is optimised
+    opt_d = make_optimizer(loss_fn.discriminator.parameters(), loop, lr=cfg.disc_lr or loop.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(loop))
+    ae, loss_fn, opt_ae, opt_d, sched = accelerator.prepare(Autoencode(vae), loss_fn, opt_ae, opt_d, sched)
+    vae = accelerator.unwrap_model(ae).vae
+    ema = EMAModel(vae.parameters(), decay=loop.ema_decay, use_ema_warmup=loop.ema_warmup) if loop.ema_decay else None
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    # --- resume: re-running the same command continues from the newest complete checkpoint
+    step = 0
+    resume_from = resolve_resume(out_dir, cfg.resume)
+    if resume_from is not None:
+        step = load_checkpoint(accelerator, resume_from)["step"]
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+    batches = batch_indices(len(train_set), loop.batch_size, loop.seed, step * loop.grad_accum,
+                            accelerator.process_index, accelerator.num_processes)
+    guard = NonFiniteGuard(loop.max_nonfinite_steps)
+    last_layer = vae.decoder.conv_out.weight
+    lossf = accelerator.unwrap_model(loss_fn)
+
+    progress = tqdm(total=loop.steps, initial=step, desc="vae", disable=not accelerator.is_local_main_process)
+    while step < loop.steps:
+        logs = {}
+        for _ in range(loop.grad_accum):
+            x = train_set.batch(next(batches)).to(accelerator.device)
+            # generator step: autoencoder + logvar; the discriminator only scores (its grads are zeroed)
+            with accelerator.accumulate(ae):
+                posterior, recon = ae(x)
+                g_loss, logs = lossf.generator_loss(x, recon, posterior, step, last_layer)
+                if guard.ok(g_loss):
+                    accelerator.backward(g_loss)
+                    if accelerator.sync_gradients and loop.max_grad_norm:
+                        accelerator.clip_grad_norm_(ae.parameters(), loop.max_grad_norm)
+                    opt_ae.step()
+                    sched.step()
+                opt_ae.zero_grad(set_to_none=True)
+                opt_d.zero_grad(set_to_none=True)
+            # discriminator step on detached reconstructions: never reaches the autoencoder
+            if lossf.disc_active(step):
+                with accelerator.accumulate(loss_fn):
+                    d_loss, d_logs = lossf.discriminator_loss(x, recon)
+                    if guard.ok(d_loss):
+                        accelerator.backward(d_loss)
+                        opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                logs.update(d_logs)
+        step += 1
+        if ema is not None:
+            ema.step(vae.parameters())
+        progress.update(1)
+        if step % loop.log_every == 0 or step == loop.steps:
+            progress.set_postfix(rec=f"{logs['rec']:.4f}")
+            log.write(step, lr=sched.get_last_lr()[0], skipped=guard.total, **logs)
+        if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps:
+            with swapped_ema(ema, vae):
+                results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg)
+            log.write(step, **{f"eval/{k}": v for k, v in results.items()})
+        if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
+            save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit)
+    progress.close()
+    save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit)
+
+    # --- export: EMA weights, latent scale measured on training data, held-out evaluation
+    if accelerator.is_main_process:
+        final = vae
+        if ema is not None:
+            ema.copy_to(final.parameters())
+        final.eval()
+        export_vae(final, train_set, eval_set, out_dir, cfg)
+        log.write(step, **{f"final/{k}": v for k, v in json.loads((out_dir / "eval.json").read_text()).items() if isinstance(v, (int, float))})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out_dir / "vae"
+
+
+class Autoencode(torch.nn.Module):
+    """encode -> sample -> decode in one forward, so DDP sees (and syncs) the whole autoencoder."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor):
+        posterior = self.vae.encode(x).latent_dist
+        return posterior, self.vae.decode(posterior.sample()).sample
+
+
+class swapped_ema:
+    """Context manager: evaluate with the EMA weights, then put the training weights back."""
+
+    def __init__(self, ema: EMAModel | None, model: torch.nn.Module):
+        self.ema, self.model = ema, model
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+
+
+@torch.no_grad()
+def evaluate_vae(vae, eval_set: ImageStore, grid_path: Path | None, cfg: VAETrainConfig, batch_size: int = 32) -> dict:
+    """Held-out PSNR/SSIM (and rFID if asked) from the posterior mode; saves a grid of pairs."""
+    was_training = vae.training
+    vae.eval()
+    device = next(vae.parameters()).device
+    reals, recons = [], []
+    for start in range(0, len(eval_set), batch_size):
+        x = eval_set.batch(list(range(start, min(start + batch_size, len(eval_set))))).to(device)
+        recons.append(vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1).cpu())
+        reals.append(x.cpu())
+    real, recon = torch.cat(reals), torch.cat(recons)
+    results = reconstruction_metrics(real, recon, fid=cfg.fid)
+    if grid_path is not None:
+        n = min(cfg.grid_images, len(real))
+        pairs = torch.stack([real[:n], recon[:n]], 1).flatten(0, 1)
+        image_grid(pairs, nrow=8).save(grid_path)
+    vae.train(was_training)
+    return results
+
+
+def export_vae(vae, train_set: ImageStore, eval_set: ImageStore, out_dir: Path, cfg: VAETrainConfig) -> None:
+    """Measure the latent scale on training images, store it in the config, save, evaluate."""
+    n = min(cfg.scale_images, len(train_set))
+    batches = (train_set.batch(list(range(s, min(s + 32, n)))) for s in range(0, n, 32))
+    scale, shift = measure_latent_scale(vae, batches, use_shift=cfg.model.use_shift)
+    set_latent_scale(vae, scale, shift)
+    vae.save_pretrained(out_dir / "vae", safe_serialization=True)
+    results = evaluate_vae(vae, eval_set, out_dir / "recon-final.png", cfg)
+    results.update(held_out_latent_stats(vae, eval_set))
+    results.update(scaling_factor=scale, shift_factor=shift, downsample_factor=downsample_factor(vae))
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    print("vae eval:", json.dumps(results))
+
+
+@torch.no_grad()
+def held_out_latent_stats(vae, eval_set: ImageStore) -> dict:
+    """Std (and mean) of held-out latents after the stored scaling: should be ~1 (and ~0)."""
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    device = next(vae.parameters()).device
+    zs = [vae.encode(eval_set.batch(list(range(s, min(s + 32, len(eval_set))))).to(device)).latent_dist.sample()
+          for s in range(0, len(eval_set), 32)]
+    z = (torch.cat(zs) - shift) * scale
+    return {"latent_std": z.std().item(), "latent_mean": z.mean().item()}

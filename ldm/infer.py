@@ -1,11 +1,14 @@
-"""Inference: load any Stable Diffusion-style pipeline and generate images (CLI and API).
+"""Inference: load a Stable Diffusion-style pipeline and generate images (the API behind infer.py).
 
-    pipe = ldm.load_pipeline("runs/demo/ldm")          # our run dir, an SD diffusers dir, or a .safetensors file
-    images = ldm.generate(pipe, ["a large red circle on the left"], seeds=[0], scheduler="dpm++2m")
+    pipe = ldm.load_pipeline("runs/demo/ldm")      # run dir, pipeline dir, SD diffusers dir or .safetensors
+    results = ldm.generate(pipe, ["a large red circle on the left"], seeds=[0], scheduler="dpm++2m")
+    results[0]["image"].save("circle.png")
 
-Loads our run directory (its `pipeline/`), any SD-1.x/2.x diffusers directory, or an original
-single-file checkpoint. Each PNG carries its prompt, seed, scheduler, steps and guidance in
-PNG text chunks, so an image says how to make it again.
+`generate` does text-to-image, img2img (`init_image`, `strength`) and inpainting (`init_image`,
+`mask_image`); for the same seeds it gives the images diffusers' StableDiffusionPipeline,
+StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline give with one CPU generator per
+image (see `ldm.sampling`). Each saved PNG carries its prompt, seed, scheduler, steps and guidance
+in PNG text chunks, so an image says how to make it again.
 """
 
 from __future__ import annotations
@@ -17,28 +20,37 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import load_image
 from PIL import Image, PngImagePlugin
 
-from ldm.sampling import (SCHEDULERS, decode_latents, denoise, encode_images, encode_text, initial_noise,
-                          make_scheduler)
+from ldm.models.text import encode_prompts
+from ldm.sampling import (SCHEDULERS, Inpainting, decode_latents, denoise, encode_images, initial_noise,
+                          make_scheduler, scheduler_name_of, seed_sde_noise, seeded_generators)
+
+DEFAULT_SCHEDULER = "dpm++2m"  # for a pipeline whose saved scheduler has no name in SCHEDULERS
 
 
 @dataclasses.dataclass
 class Pipeline:
-    """The components a sampler needs; `base_scheduler_config` is the training schedule."""
+    """The components a sampler needs; `base_scheduler_config` is the model's training schedule."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
     base_scheduler_config: dict
-    default_scheduler: str = "dpm++2m"
+    default_scheduler: str = DEFAULT_SCHEDULER
     clip_skip: int = 0
     path: str = ""
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
 
     @property
     def vae_factor(self) -> int:
@@ -46,192 +58,361 @@ class Pipeline:
 
     @property
     def native_size(self) -> int:
+        """The size the UNet was built for: 512 for SD-1.x and SD-2 base, 768 for SD-2.1-v."""
         return self.unet.config.sample_size * self.vae_factor
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """A 9-channel UNet (SD inpainting): latents + mask + masked image latents."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
 
 
 def auto_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
 
 
 def auto_dtype(device: str) -> torch.dtype:
-    if device == "cuda":
+    """Half precision on accelerators (bfloat16 where supported: no fp16 overflow), float32 on CPU."""
+    if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float16 if device == "mps" else torch.float32
 
 
-_SCHEDULER_NAMES = {cls.__name__: name for name, (cls, overrides, _) in SCHEDULERS.items() if not overrides}
-
-
 def resolve_pipeline_dir(path: str | Path) -> Path:
+    """A run dir (holding pipeline/) resolves to its pipeline; anything else is itself."""
     path = Path(path)
-    if (path / "pipeline" / "model_index.json").exists():
-        return path / "pipeline"
-    return path
+    return path / "pipeline" if (path / "pipeline" / "model_index.json").is_file() else path
+
+
+def _ldm_record(path: Path) -> dict:
+    """ldm.json (how the model was trained) of a pipeline dir, or as our single files carry it."""
+    if path.is_dir():
+        record = path / "ldm.json"
+        return json.loads(record.read_text()) if record.is_file() else {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("ldm.file.ldm.json", "{}"))
+    return {}
+
+
+def _load_diffusers(path: Path, allow_pickle: bool):
+    from diffusers import StableDiffusionPipeline
+
+    if path.is_file():
+        from ldm.export import import_single_file
+
+        return import_single_file(path, allow_pickle=allow_pickle)
+    if (path / "model_index.json").is_file():
+        return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+    raise FileNotFoundError(f"{path}: not a run dir, a diffusers pipeline dir (model_index.json) or a checkpoint file")
+
+
+def _set_attention(sd, attention: str) -> None:
+    """sdpa: diffusers' default processors (torch's scaled_dot_product_attention); xformers on request."""
+    if attention == "xformers":
+        from diffusers.utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise ImportError("attention='xformers' needs xformers (pip install xformers); the default 'sdpa' needs nothing")
+        sd.enable_xformers_memory_efficient_attention()
+    elif attention != "sdpa":
+        raise ValueError(f"attention must be 'sdpa' or 'xformers', got {attention!r}")
 
 
 def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtype | str | None = None,
                   attention: str = "sdpa", allow_pickle: bool = False) -> Pipeline:
-    """Our run dir / pipeline dir, an SD diffusers dir, or an original single-file checkpoint."""
-    from diffusers import StableDiffusionPipeline
-
+    """Our run dir or pipeline dir, any SD-1.x/2.x diffusers dir, or an original single-file checkpoint
+    (.safetensors; a pickled .ckpt only with allow_pickle). Device and dtype default to the best available."""
     device = device or auto_device()
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or auto_dtype(device))
     path = resolve_pipeline_dir(path)
-    if path.is_file():
-        from ldm.export import import_single_file
-
-        sd = import_single_file(path, allow_pickle=allow_pickle)
-    elif (path / "model_index.json").exists():
-        sd = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None, requires_safety_checker=False)
-    else:
-        raise FileNotFoundError(f"{path}: not a run dir, a diffusers pipeline dir (model_index.json) or a checkpoint file")
-    info = json.loads((path / "ldm.json").read_text()) if path.is_dir() and (path / "ldm.json").exists() else {}
-    base = dict(info.get("training_scheduler") or sd.scheduler.config)
+    sd = _load_diffusers(path, allow_pickle)
+    _set_attention(sd, attention)
     for module in (sd.unet, sd.vae, sd.text_encoder):
         module.to(device=device, dtype=dtype).eval()
-    if attention == "xformers":
-        sd.unet.enable_xformers_memory_efficient_attention()
+    record = _ldm_record(path)
     return Pipeline(unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
-                    base_scheduler_config=base, default_scheduler=_SCHEDULER_NAMES.get(type(sd.scheduler).__name__, "dpm++2m"),
-                    clip_skip=int(info.get("clip_skip", 0)), path=str(path))
+                    base_scheduler_config=dict(record.get("training_scheduler") or sd.scheduler.config),
+                    default_scheduler=scheduler_name_of(sd.scheduler) or DEFAULT_SCHEDULER,
+                    clip_skip=int(record.get("clip_skip", 0)), path=str(path))
 
 
-def _load_image(image, width: int, height: int, mode: str = "RGB") -> torch.Tensor:
-    if isinstance(image, (str, Path)):
-        image = Image.open(image)
-    image = image.convert(mode).resize((width, height), Image.LANCZOS)
-    arr = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None] if mode == "RGB" else torch.from_numpy(arr)[None, None]
+@dataclasses.dataclass
+class _ImageInputs:
+    """img2img / inpainting inputs at the output size, as diffusers' image processors make them."""
+
+    image: torch.Tensor                 # (1, 3, H, W) in [0, 1]
+    mask: torch.Tensor | None = None    # (1, 1, H, W), binarized: 1 = regenerate
+
+
+def _image_inputs(pipe: Pipeline, init_image, mask_image, width: int | None, height: int | None) -> _ImageInputs:
+    """Without width/height the image keeps its size (rounded down to the VAE factor), as in diffusers."""
+    f = pipe.vae_factor
+    # do_normalize=False: [0, 1]; encode_images maps to [-1, 1] with diffusers' arithmetic.
+    image = VaeImageProcessor(vae_scale_factor=f, do_normalize=False).preprocess(load_image(init_image), height, width)
+    if mask_image is None:
+        return _ImageInputs(image)
+    masks = VaeImageProcessor(vae_scale_factor=f, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    return _ImageInputs(image, masks.preprocess(load_image(mask_image), image.shape[2], image.shape[3]))
+
+
+def _check_request(pipe: Pipeline, prompts, negative_prompts, seeds, width, height, strength, images) -> None:
+    f = pipe.vae_factor
+    if len(negative_prompts) != len(prompts) or len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts, {len(negative_prompts)} negative prompts and {len(seeds)} seeds: "
+                         "give one of each per image")
+    if width % f or height % f:
+        raise ValueError(f"width and height must be multiples of the VAE factor {f}, got {width}x{height}")
+    if images is None and strength != 1.0:
+        raise ValueError(f"strength {strength} needs an init_image (img2img)")
+    if pipe.inpainting_unet and (images is None or images.mask is None):
+        raise ValueError(f"{pipe.path}: a 9-channel inpainting UNet needs init_image and mask_image")
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, prompts: list[str], *, negative_prompts: list[str] | None = None, seeds: list[int] | None = None,
-             scheduler: str | None = None, steps: int = 25, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
-             width: int | None = None, height: int | None = None, batch_size: int = 4, eta: float = 0.0,
-             init_image=None, strength: float = 0.8, mask_image=None, trajectory_every: int = 0) -> list[dict]:
-    """Images for `prompts` (one per prompt, seed i for prompt i); img2img with `init_image`,
-    inpainting with `init_image` + `mask_image` (white = regenerate).
+def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list[str] | None = None,
+             seeds: list[int] | None = None, scheduler: str | None = None, steps: int = 25,
+             guidance_scale: float = 7.5, guidance_rescale: float = 0.0, width: int | None = None,
+             height: int | None = None, batch_size: int = 4, eta: float = 0.0, init_image=None,
+             strength: float | None = None, mask_image=None, keep_unmasked: bool = False,
+             trajectory_every: int = 0) -> list[dict]:
+    """One image per prompt, image i from seeds[i] (default 0, 1, ...), `batch_size` at a time.
 
-    Returns one dict per image: {"image": PIL, "prompt", "seed", "scheduler", "steps",
-    "guidance_scale", "trajectory": [(t, x_t PIL, predicted x0 PIL)] when asked}.
+    img2img with `init_image` (path or PIL; `strength` defaults to 0.8); inpainting with
+    `init_image` + `mask_image` (white = regenerate; `strength` defaults to 1.0), and
+    `keep_unmasked` pastes the input's pixels back outside the mask (else they go through the VAE).
+    The output size is the input image's for img2img/inpainting, else the model's native size.
+
+    Returns one dict per image: "image" (PIL), "array" (H, W, 3 float32 in [0, 1], what diffusers
+    returns with output_type="np"), the settings ("prompt", "negative_prompt", "seed", "scheduler",
+    "steps", "guidance_scale", "guidance_rescale", "eta", "width", "height", "mode", "strength"), and
+    "trajectory": [(t, x_t PIL, predicted x0 PIL)] every `trajectory_every` steps when asked.
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    scheduler = scheduler or pipe.default_scheduler
-    width, height = width or pipe.native_size, height or pipe.native_size
-    f = pipe.vae_factor
-    if width % f or height % f:
-        raise ValueError(f"width and height must be multiples of the VAE factor {f}, got {width}x{height}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
-    if len(seeds) != len(prompts):
-        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    negative_prompts = negative_prompts or [""] * len(prompts)
-    dtype = next(pipe.unet.parameters()).dtype
+    scheduler = scheduler or pipe.default_scheduler
+    make_scheduler(scheduler, pipe.base_scheduler_config)  # a bad name or schedule fails before any work
+    images = _image_inputs(pipe, init_image, mask_image, width, height) if init_image is not None else None
+    if images is not None:
+        height, width = images.image.shape[2:]
+    width, height = width or pipe.native_size, height or pipe.native_size
+    mode = "txt2img" if images is None else "img2img" if images.mask is None else "inpaint"
+    strength = strength if strength is not None else 0.8 if mode == "img2img" else 1.0
+    _check_request(pipe, prompts, negative_prompts, seeds, width, height, strength, images)
+    settings = dict(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                    eta=eta, width=width, height=height, mode=mode, strength=strength if images is not None else None)
     results = []
     for start in range(0, len(prompts), batch_size):
-        sl = slice(start, start + batch_size)
-        batch_prompts, batch_seeds = prompts[sl], seeds[sl]
-        cond = encode_text(pipe.text_encoder, pipe.tokenizer, batch_prompts, pipe.clip_skip)
-        uncond = encode_text(pipe.text_encoder, pipe.tokenizer, negative_prompts[sl], pipe.clip_skip) if guidance_scale > 1 else None
-        sched = make_scheduler(scheduler, pipe.base_scheduler_config)
-        noise, generators = initial_noise(len(batch_prompts), pipe.unet.config.in_channels, height // f, width // f,
-                                          batch_seeds, pipe.device, dtype)
-        init_latents = mask = None
-        if init_image is not None:
-            image = _load_image(init_image, width, height).to(pipe.device).expand(len(batch_prompts), -1, -1, -1)
-            init_latents = encode_images(pipe.vae, image, generator=generators[0] if generators else None).to(dtype)
-        if mask_image is not None:
-            m = _load_image(mask_image, width // f, height // f, mode="L").to(pipe.device, dtype)
-            mask = (m > 0.5).to(dtype)
-        trajectory = []
-
-        def record(i, t, x, x0):
-            if trajectory_every and (i % trajectory_every == 0):
-                trajectory.append((t, decode_latents(pipe.vae, x), decode_latents(pipe.vae, x0)))
-
-        latents = denoise(pipe.unet, sched, cond, uncond, noise, num_steps=steps, guidance_scale=guidance_scale,
-                          guidance_rescale=guidance_rescale, generator=generators, eta=eta,
-                          strength=strength if init_image is not None and mask_image is None else 1.0,
-                          init_latents=init_latents, mask=mask, callback=record if trajectory_every else None)
-        images = decode_latents(pipe.vae, latents).cpu()
-        for j, img in enumerate(images):
+        batch = slice(start, start + batch_size)
+        arrays, trajectory = _generate_batch(pipe, prompts[batch], negative_prompts[batch], seeds[batch], images,
+                                             keep_unmasked, trajectory_every, settings)
+        for j, array in enumerate(arrays):
             results.append({
-                "image": to_pil(img), "prompt": batch_prompts[j], "negative_prompt": negative_prompts[start + j],
-                "seed": batch_seeds[j], "scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale,
-                "guidance_rescale": guidance_rescale, "width": width, "height": height,
-                "trajectory": [(t, to_pil(xt[j].cpu()), to_pil(x0[j].cpu())) for t, xt, x0 in trajectory],
+                "image": VaeImageProcessor.numpy_to_pil(array[None])[0], "array": array,
+                "prompt": prompts[start + j], "negative_prompt": negative_prompts[start + j], "seed": seeds[start + j],
+                **settings, "trajectory": [(t, xt[j], x0[j]) for t, xt, x0 in trajectory],
             })
     return results
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [0, 1] -> PIL, rounded as diffusers' image processor does."""
-    arr = (image.float().permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    return Image.fromarray(arr)
+def _generate_batch(pipe: Pipeline, prompts, negative_prompts, seeds, images: _ImageInputs | None,
+                    keep_unmasked: bool, trajectory_every: int, s: dict):
+    """(H, W, 3) float arrays for one batch, and its trajectory [(t, [x_t PIL], [x0 PIL])].
+
+    The random draws follow diffusers' image pipelines: the image's posterior sample, then the
+    initial noise, then (9-channel inpainting) the masked image's posterior sample, each image from
+    its own generator; then the scheduler's own draws.
+    """
+    n, f, device, dtype = len(prompts), pipe.vae_factor, pipe.device, pipe.dtype
+    generators = seeded_generators(seeds)
+    cond = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, pipe.clip_skip, device)
+    uncond = (encode_prompts(pipe.text_encoder, pipe.tokenizer, negative_prompts, pipe.clip_skip, device)
+              if s["guidance_scale"] > 1 else None)
+    scheduler = make_scheduler(s["scheduler"], pipe.base_scheduler_config)
+    seed_sde_noise(scheduler, seeds)
+    needs_image_latents = images is not None and not (pipe.inpainting_unet and s["strength"] == 1.0)
+    image_latents = encode_images(pipe.vae, images.image, generators).to(dtype) if needs_image_latents else None
+    latent_shape = (n, pipe.vae.config.latent_channels, s["height"] // f, s["width"] // f)
+    noise = initial_noise(latent_shape, generators, device, dtype)
+    inpaint = None
+    if images is not None and images.mask is not None:
+        mask = torch.nn.functional.interpolate(images.mask, size=latent_shape[2:]).to(device, dtype).repeat(n, 1, 1, 1)
+        masked = None
+        if pipe.inpainting_unet:  # the masked region is gray (0 in [-1, 1]), as diffusers makes it
+            masked = encode_images(pipe.vae, torch.where(images.mask < 0.5, images.image, 0.5), generators).to(dtype)
+        inpaint = Inpainting(mask, masked)
+    trajectory = []
+
+    def record(i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if i % trajectory_every == 0:
+            trajectory.append((t, _to_pil(decode_latents(pipe.vae, x)), _to_pil(decode_latents(pipe.vae, x0))))
+
+    latents = denoise(pipe.unet, scheduler, cond, uncond, noise, num_steps=s["steps"], guidance_scale=s["guidance_scale"],
+                      guidance_rescale=s["guidance_rescale"], generator=generators, eta=s["eta"],
+                      image_latents=image_latents, strength=s["strength"] or 1.0, inpaint=inpaint,
+                      callback=record if trajectory_every else None)
+    out = decode_latents(pipe.vae, latents).cpu()
+    if keep_unmasked and inpaint is not None:
+        out = torch.where(images.mask >= 0.5, out, images.image)
+    return VaeImageProcessor.pt_to_numpy(out), trajectory
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL images, rounded as diffusers' image processor rounds."""
+    return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images.cpu()))
+
+
+# --------------------------------------------------------------------------- files
+
+PNG_KEYS = ("prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance_scale", "guidance_rescale", "eta",
+            "width", "height", "mode", "strength")
+
+
+def a1111_parameters(result: dict) -> str:
+    """The "parameters" text chunk in AUTOMATIC1111's layout, which image browsers and sites read."""
+    fields = [f"Steps: {result['steps']}", f"Sampler: {result['scheduler']}", f"CFG scale: {result['guidance_scale']}",
+              f"Seed: {result['seed']}", f"Size: {result['width']}x{result['height']}"]
+    if result["strength"] is not None:
+        fields.append(f"Denoising strength: {result['strength']}")
+    if result["guidance_rescale"]:
+        fields.append(f"CFG rescale: {result['guidance_rescale']}")
+    return f"{result['prompt']}\nNegative prompt: {result['negative_prompt']}\n{', '.join(fields)}"
 
 
 def save_with_metadata(result: dict, path: Path) -> None:
+    """The image as a PNG whose text chunks hold the settings that made it (one chunk per setting)."""
     info = PngImagePlugin.PngInfo()
-    for key in ("prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance_scale", "guidance_rescale", "width", "height"):
-        info.add_text(key, str(result[key]))
-    info.add_text("parameters", json.dumps({k: result[k] for k in ("prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance_scale")}))
+    for key in PNG_KEYS:
+        if result[key] is not None:
+            info.add_text(key, str(result[key]))
+    info.add_text("parameters", a1111_parameters(result))
     result["image"].save(path, pnginfo=info)
 
 
-def save_trajectory(result: dict, stem: Path) -> None:
-    """The denoising trajectory: a strip (x_t above, predicted x0 below) and a GIF of x_t."""
+def save_trajectory(result: dict, stem: Path) -> tuple[Path, Path]:
+    """The denoising trajectory: a strip (x_t above, predicted x0 below, final image last) and a GIF of x_t."""
     from ldm.data.images import image_grid
 
     frames = [xt for _, xt, _ in result["trajectory"]] + [result["image"]]
     preds = [x0 for _, _, x0 in result["trajectory"]] + [result["image"]]
-    image_grid(frames + preds, nrow=len(frames)).save(stem.with_name(stem.name + "-trajectory.png"))
-    frames[0].save(stem.with_name(stem.name + "-trajectory.gif"), save_all=True, append_images=frames[1:], duration=150, loop=0)
+    strip, gif = stem.with_name(stem.name + "-trajectory.png"), stem.with_name(stem.name + "-trajectory.gif")
+    image_grid(frames + preds, nrow=len(frames)).save(strip)
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=150, loop=0)
+    return strip, gif
 
 
-def read_prompts(args) -> list[dict]:
-    """Prompts from --prompt (repeatable) or --prompts FILE (.txt: one per line; .jsonl: per-prompt settings)."""
-    items = [{"prompt": p} for p in (args.prompt or [])]
-    if args.prompts:
-        path = Path(args.prompts)
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            items.append(json.loads(line) if path.suffix == ".jsonl" else {"prompt": line.strip()})
+# --------------------------------------------------------------------------- command line
+
+# What one line of a .jsonl prompts file may set, beside "prompt" (the CLI's flags otherwise).
+PER_PROMPT = ("negative_prompt", "seed", "num_images", "scheduler", "steps", "guidance_scale", "guidance_rescale",
+              "eta", "width", "height", "strength")
+# Images that agree on these are generated in one batch.
+BATCH_SETTINGS = ("scheduler", "steps", "guidance_scale", "guidance_rescale", "eta", "width", "height", "strength")
+
+
+def read_prompts(prompt_args: list[str] | None, prompts_file: str | None) -> list[dict]:
+    """Prompts from --prompt (repeatable) and --prompts FILE (.jsonl: one JSON object per line with
+    "prompt" and any PER_PROMPT setting; otherwise one prompt per line)."""
+    items = [{"prompt": p} for p in prompt_args or []]
+    if prompts_file:
+        path = Path(prompts_file)
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                items.append(_parse_jsonl_line(line, f"{path}:{number}") if path.suffix == ".jsonl" else {"prompt": line.strip()})
     if not items:
         raise SystemExit("give at least one --prompt or a --prompts file")
     return items
 
 
+def _parse_jsonl_line(line: str, where: str) -> dict:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{where}: not JSON ({err})") from err
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+        raise SystemExit(f'{where}: expected an object with a "prompt" string')
+    unknown = sorted(set(item) - {"prompt", *PER_PROMPT})
+    if unknown:
+        raise SystemExit(f"{where}: unknown key(s) {unknown}; a line may set {['prompt', *PER_PROMPT]}")
+    return item
+
+
+def plan_images(items: list[dict], args: argparse.Namespace) -> list[dict]:
+    """One job per image: prompt, negative prompt, seed and the batch settings.
+
+    An item's images use its "seed", "seed" + 1, ...; other images use --seed + their index.
+    """
+    jobs = []
+    for item in items:
+        for j in range(int(item.get("num_images", args.num_images))):
+            index = len(jobs)
+            jobs.append({"index": index, "prompt": item["prompt"],
+                         "negative_prompt": item.get("negative_prompt", args.negative_prompt),
+                         "seed": item["seed"] + j if "seed" in item else args.seed + index,
+                         **{k: item.get(k, getattr(args, k)) for k in BATCH_SETTINGS}})
+    return jobs
+
+
+def group_batches(jobs: list[dict]) -> list[list[dict]]:
+    """Jobs grouped by their batch settings, in order of first appearance (generate batches each group)."""
+    groups: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(job[k] for k in BATCH_SETTINGS), []).append(job)
+    return list(groups.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Text-to-image (and img2img, inpainting) with a Stable Diffusion-style pipeline.")
-    p.add_argument("model", nargs="?", help="run dir, pipeline dir, SD diffusers dir or single-file .safetensors")
+    p = argparse.ArgumentParser(description="Text-to-image, img2img and inpainting with a Stable Diffusion-style pipeline.")
+    p.add_argument("model", nargs="?", help="run dir, pipeline dir, SD diffusers dir, or single-file .safetensors")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    p.add_argument("--prompts", help="file: one prompt per line, or .jsonl with prompt/negative_prompt/seed/steps/guidance_scale")
+    p.add_argument("--prompts", help="file: one prompt per line, or .jsonl with a prompt and settings per line")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--scheduler", help="sampler short name (see --list-schedulers); default: the pipeline's")
-    p.add_argument("--list-schedulers", action="store_true")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--list-schedulers", action="store_true", help="print the sampler names and exit")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (img2img runs strength * steps)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; 1 turns it off")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="0..1; 0.7 for zero-terminal-SNR models")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--width", type=int)
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (same settings only)")
+    p.add_argument("--width", type=int, help="default: the init image's, else the model's native size")
     p.add_argument("--height", type=int)
     p.add_argument("--init-image", help="img2img / inpainting source image")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the image to re-noise (0..1)")
-    p.add_argument("--mask", help="inpainting mask (white = regenerate)")
-    p.add_argument("--device", help="cuda | mps | cpu (default: auto)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--strength", type=float, help="how much of the image to re-noise, (0, 1]; default 0.8 for "
+                   "img2img, 1.0 for inpainting")
+    p.add_argument("--mask", help="inpainting mask image (white = regenerate)")
+    p.add_argument("--keep-unmasked", action="store_true", help="inpainting: paste the input's pixels back outside the mask")
+    p.add_argument("--device", help="cuda | mps | cpu (default: the best available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: bfloat16/float16 on GPU, float32 on CPU")
     p.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa")
     p.add_argument("--trajectory", type=int, default=0, help="save the denoising trajectory every N steps (strip + GIF)")
     p.add_argument("--out", default="outputs", help="output directory")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .ckpt (weights_only)")
+    p.add_argument("--export-single-file", metavar="OUT.safetensors",
+                   help="write the model as one original-layout .safetensors (then generate only if prompts are given)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow a pickled .ckpt (read with weights_only=True)")
     return p
+
+
+def list_schedulers() -> str:
+    return "\n".join(f"{name:16s} {cls.__name__:34s} {about}" for name, (cls, _, about) in SCHEDULERS.items())
+
+
+def _export(model: str, out: str) -> None:
+    from ldm.export import export_single_file
+
+    source = resolve_pipeline_dir(model)
+    if not source.is_dir():
+        raise SystemExit(f"--export-single-file: {model} is already a single file")
+    print(f"wrote {export_single_file(source, out)}")
 
 
 def main(argv=None) -> None:
@@ -239,30 +420,32 @@ def main(argv=None) -> None:
 
     args = build_parser().parse_args(argv)
     if args.list_schedulers:
-        for name, (cls, _, description) in SCHEDULERS.items():
-            print(f"{name:16s} {cls.__name__:36s} {description}")
+        print(list_schedulers())
         return
     if not args.model:
-        raise SystemExit("give a model path (run dir, pipeline dir, SD dir or .safetensors)")
+        raise SystemExit("give a model: a run dir, pipeline dir, SD diffusers dir or .safetensors file")
+    if args.export_single_file:
+        _export(args.model, args.export_single_file)
+        if not (args.prompt or args.prompts):
+            return
+    jobs = plan_images(read_prompts(args.prompt, args.prompts), args)
     pipe = load_pipeline(args.model, args.device, args.dtype, args.attention, args.allow_pickle)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    seed = args.seed
-    for item in read_prompts(args):
-        for _ in range(item.get("num_images", args.num_images)):
-            results += generate(
-                pipe, [item["prompt"]], negative_prompts=[item.get("negative_prompt", args.negative_prompt)],
-                seeds=[item.get("seed", seed)], scheduler=item.get("scheduler", args.scheduler),
-                steps=item.get("steps", args.steps), guidance_scale=item.get("guidance_scale", args.guidance_scale),
-                guidance_rescale=item.get("guidance_rescale", args.guidance_rescale), width=args.width, height=args.height,
-                init_image=args.init_image, strength=args.strength, mask_image=args.mask, trajectory_every=args.trajectory,
-            )
-            seed += 1
-    for i, r in enumerate(results):
-        stem = out / f"{i:04d}-seed{r['seed']}"
-        save_with_metadata(r, stem.with_suffix(".png"))
-        if r["trajectory"]:
-            save_trajectory(r, stem)
-    image_grid([r["image"] for r in results]).save(out / "grid.png")
-    print(f"wrote {len(results)} images and grid.png to {out}")
+    results: list[dict] = [{}] * len(jobs)
+    for group in group_batches(jobs):
+        made = generate(pipe, [j["prompt"] for j in group], negative_prompts=[j["negative_prompt"] for j in group],
+                        seeds=[j["seed"] for j in group], batch_size=args.batch_size, init_image=args.init_image,
+                        mask_image=args.mask, keep_unmasked=args.keep_unmasked, trajectory_every=args.trajectory,
+                        **{k: group[0][k] for k in BATCH_SETTINGS})
+        for job, result in zip(group, made):
+            results[job["index"]] = result
+    for i, result in enumerate(results):
+        stem = out / f"{i:04d}-seed{result['seed']}"
+        save_with_metadata(result, stem.with_suffix(".png"))
+        if result["trajectory"]:
+            save_trajectory(result, stem)
+    sizes = {r["image"].size for r in results}
+    if len(sizes) == 1:
+        image_grid([r["image"] for r in results]).save(out / "grid.png")
+    print(f"wrote {len(results)} images to {out}" + ("" if len(sizes) == 1 else " (sizes differ: no grid.png)"))

@@ -7,13 +7,16 @@ norms at the decoder's last layer (VQGAN eq. 7). Three things references get qui
 right here, and tests/test_vae_loss.py pins each of them:
 
 - the perceptual loss is computed *with* gradient (it is a training signal, not a metric);
-- the discriminator sees `reconstruction.detach()`, so its step never reaches the autoencoder;
+- the discriminator sees `reconstruction.detach()`, so its step never reaches the autoencoder,
+  and it scores the generator's output with its own weights frozen, so the generator step never
+  reaches the discriminator;
 - the log-variance is an `nn.Parameter` that the autoencoder's optimiser actually updates.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -29,14 +32,14 @@ class VAELossConfig:
     reconstruction: Literal["l1", "l2"] = "l1"  # pixel loss inside the NLL
     perceptual_weight: float = 0.0              # LPIPS weight; needs local VGG16 weights (lpips_vgg_path)
     lpips_vgg_path: str = ""                    # torchvision vgg16 state dict (.pth/.safetensors), e.g. vgg16-397923af.pth
-    learn_logvar: bool = True                   # learned scalar log-variance of the NLL (LDM); false: plain mean loss
-    logvar_init: float = 0.0
+    learn_logvar: bool = True                   # learned scalar log-variance of the NLL (LDM); false: fixed at logvar_init
+    logvar_init: float = 0.0                    # initial log-variance s (NLL = rec / exp(s) + s)
     kl_weight: float = 1e-6                     # weight of KL(q(z|x) || N(0, I)), summed over latent elements
     disc_weight: float = 0.5                    # base weight of the generator's adversarial loss
     disc_start: int = 50_001                    # optimiser step at which the discriminator starts
-    disc_loss: Literal["hinge", "vanilla"] = "hinge"  # vanilla = non-saturating BCE
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"  # vanilla: BCE for D, non-saturating -log D(G(z)) for G
     disc_layers: int = 3                        # PatchGAN depth (receptive field 70 px at 3)
-    disc_channels: int = 64
+    disc_channels: int = 64                     # width of the PatchGAN's first layer (x2 per layer, up to x8)
     adaptive_disc_weight: bool = True           # VQGAN eq. 7: balance GAN and NLL gradients at the last layer
 
     def validate(self) -> None:
@@ -63,9 +66,11 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, layers + 1):
             prev, mult = mult, min(2**i, 8)
             stride = 2 if i < layers else 1
+            width = channels * mult
+            groups = math.gcd(min(32, width // 4), width)  # up to 32 groups, always dividing the width
             blocks += [
-                nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
-                nn.GroupNorm(min(32, channels * mult // 4), channels * mult),
+                nn.Conv2d(channels * prev, width, 4, stride, 1, bias=False),
+                nn.GroupNorm(groups, width),
                 nn.LeakyReLU(0.2, True),
             ]
         blocks.append(nn.Conv2d(channels * mult, 1, 4, 1, 1))
@@ -82,7 +87,8 @@ def load_lpips(vgg_path: str | Path) -> nn.Module:
     """LPIPS-VGG (Zhang et al. 2018) with its backbone from a local file; no download.
 
     The lpips package ships its learned linear heads; only torchvision's VGG16 weights come
-    from outside, so we build the backbone without weights and load them from `vgg_path`.
+    from outside, so we build the backbone without weights and load them from `vgg_path`
+    (a torchvision vgg16 state dict; only its `features.*` entries are used).
     """
     import lpips
     from safetensors.torch import load_file
@@ -97,13 +103,29 @@ def load_lpips(vgg_path: str | Path) -> nn.Module:
     model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
     # lpips splits torchvision's vgg.features into slice1..slice5 that keep the original indices.
-    own = {}
-    for name in model.net.state_dict():
-        _, index_and_param = name.split(".", 1)
-        own[name] = features[index_and_param]
-    model.net.load_state_dict(own)
+    own = {name: name.split(".", 1)[1] for name in model.net.state_dict()}
+    missing = sorted(f"features.{key}" for key in own.values() if key not in features)
+    if missing:
+        raise ValueError(f"{vgg_path} is not a torchvision vgg16 state dict: it lacks {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}; or set loss.perceptual_weight=0")
+    model.net.load_state_dict({name: features[key] for name, key in own.items()})
     model.eval().requires_grad_(False)
     return model
+
+
+class _frozen:
+    """Context manager: `module`'s parameters take no gradient inside (they still pass it on)."""
+
+    def __init__(self, module: nn.Module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
 
 
 class VAELoss(nn.Module):
@@ -127,28 +149,38 @@ class VAELoss(nn.Module):
             rec = (x - recon) ** 2
         if self.perceptual is not None:
             # important: with gradient. LPIPS is a training signal here, not a metric.
+            # Its (B, 1, 1, 1) distance is added to every pixel, as in LDM's LPIPSWithDiscriminator.
             rec = rec + self.cfg.perceptual_weight * self.perceptual(x.float(), recon.float())
         return rec
 
     def nll(self, rec: torch.Tensor) -> torch.Tensor:
-        """NLL under a Laplace/Gaussian with one learned scale (LDM): rec/exp(s) + s, summed per image."""
-        if not self.cfg.learn_logvar:
-            return rec.mean() * rec[0].numel()
+        """NLL under a Laplace (l1) or Gaussian (l2) with one scale s = logvar, up to constants
+        (LDM's LPIPSWithDiscriminator): rec / exp(s) + s per pixel, summed per image, mean over
+        the batch. With learn_logvar false, s stays at logvar_init."""
         nll = rec / torch.exp(self.logvar) + self.logvar
         return nll.sum() / rec.shape[0]
 
     def generator_loss(
         self, x: torch.Tensor, recon: torch.Tensor, posterior, step: int, last_layer: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Autoencoder objective: NLL + kl_weight * KL + adaptive_weight * disc_weight * GAN."""
+        """Autoencoder objective: NLL + kl_weight * KL + adaptive_weight * disc_weight * GAN.
+
+        `posterior` is diffusers' DiagonalGaussianDistribution; its kl() is summed per image.
+        """
         rec = self.pixel_loss(x, recon)
         nll = self.nll(rec)
         kl = posterior.kl().sum() / x.shape[0]
         loss = nll + self.cfg.kl_weight * kl
         logs = {"rec": rec.mean().item(), "nll": nll.item(), "kl": kl.item(), "logvar": self.logvar.item()}
         if self.disc_active(step):
-            logits_fake = self.discriminator(recon)
-            g_loss = -logits_fake.mean()
+            # important: the discriminator only scores here; its weights take no gradient from
+            # the generator's loss, so the generator step cannot move it (tests pin this).
+            with _frozen(self.discriminator):
+                logits_fake = self.discriminator(recon)
+            if self.cfg.disc_loss == "hinge":
+                g_loss = -logits_fake.mean()              # VQGAN / LDM generator loss
+            else:
+                g_loss = F.softplus(-logits_fake).mean()  # non-saturating: -log sigmoid(D(G(z)))
             weight = self.adaptive_weight(nll, g_loss, last_layer) * self.cfg.disc_weight
             loss = loss + weight * g_loss
             logs.update(g_loss=g_loss.item(), d_weight=float(weight))
@@ -163,10 +195,17 @@ class VAELoss(nn.Module):
         weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
         return weight.clamp(0.0, 1e4).detach()
 
-    def discriminator_loss(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Discriminator objective. important: `recon` is detached here, so this never trains the AE."""
-        logits_real = self.discriminator(x.detach())
-        logits_fake = self.discriminator(recon.detach())
+    def discriminator_loss(
+        self, x: torch.Tensor, recon: torch.Tensor, discriminator: nn.Module | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Discriminator objective. important: `recon` is detached here, so this never trains the AE.
+
+        `discriminator` is the module that scores (default `self.discriminator`); the trainer
+        passes its accelerate-prepared wrapper so that DDP averages its gradients. Real and fake
+        go through one forward (GroupNorm is per image, so they do not mix).
+        """
+        discriminator = discriminator or self.discriminator
+        logits_real, logits_fake = discriminator(torch.cat([x.detach(), recon.detach()])).chunk(2)
         if self.cfg.disc_loss == "hinge":
             loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
         else:

@@ -1,13 +1,18 @@
 """Image metrics: PSNR/SSIM, FID/KID with a pluggable feature network, CLIP score.
 
-FID and KID come from torchmetrics, which accepts any `nn.Module` as its feature extractor.
-The default Inception-v3 (torch-fidelity's FID weights) is used only when its weights are on
-disk (`inception_weights`); offline, or on a domain far from ImageNet, pass another network,
-e.g. the image tower of a CLIP trained on your own data (`ldm.train.clip.load_clip_scorer`).
+Images are float tensors in [-1, 1], (B, 3, H, W), everywhere in this package, and so is the
+input of a feature network here: any `nn.Module` (or callable, through `FeatureNet`) mapping such
+images to (B, D) features. FID and KID are torchmetrics'; we compute the features once and hand
+them to both. The default network is Inception-v3 with torch-fidelity's FID weights, used only
+from a file on disk (`inception_features`; torch-fidelity would download it into torch's hub
+cache, `default_inception_path()`). Offline, or on a domain far from ImageNet, pass another
+network, e.g. the image tower of a CLIP trained on your own data:
+`FeatureNet(load_clip_scorer(dir).image_features, dim)` (`ldm.train.clip`).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -15,74 +20,125 @@ import torch
 import torch.nn as nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception-v3
+
 
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
 def psnr(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Mean per-image PSNR in dB of images in [-1, 1]."""
+    """Mean per-image PSNR in dB of images in [-1, 1] (peak: the [0, 1] range)."""
     per_image = [peak_signal_noise_ratio(_to_unit(f)[None], _to_unit(r)[None], data_range=1.0) for r, f in zip(real, fake)]
     return torch.stack(per_image).mean().item()
 
 
 def ssim(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Mean SSIM (Wang et al. 2004; 11x11 Gaussian window) of images in [-1, 1]."""
     return structural_similarity_index_measure(_to_unit(fake), _to_unit(real), data_range=1.0).item()
 
 
 class FeatureNet(nn.Module):
-    """Adapts a callable (uint8 or [0,1] images -> (B, D) features) to torchmetrics' interface."""
+    """A feature network from a callable: (B, 3, H, W) images in [-1, 1] -> (B, num_features)."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], num_features: int):
         super().__init__()
         self.fn, self.num_features = fn, num_features
+        owner = getattr(fn, "__self__", fn)  # a module, or the module a bound method belongs to
+        if isinstance(owner, nn.Module):
+            self.owner = owner  # registered, so that .to() and .parameters() see its weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
 
 
-def inception_features(weights: str | Path) -> nn.Module:
-    """torch-fidelity's FID Inception-v3 from a local weights file (pt_inception-2015-12-05-6726825d.pth)."""
-    weights = Path(weights)
+def default_inception_path() -> Path:
+    """Where torch-fidelity keeps its Inception weights once downloaded (torch's hub cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def inception_features(weights: str | Path | None = None) -> nn.Module:
+    """FID's Inception-v3 (2048-d pool features) from a local weights file; no download.
+
+    `weights`: torch-fidelity's weights file; None: `default_inception_path()`.
+    """
+    weights = Path(weights) if weights else default_inception_path()
     if not weights.is_file():
         raise FileNotFoundError(
-            f"FID's Inception weights are not at {weights}; pass another feature network "
-            "(e.g. a CLIP image tower trained here) or set the path to pt_inception-2015-12-05-6726825d.pth"
+            f"FID's Inception weights are not at {weights} (torch-fidelity's {INCEPTION_FILE}); "
+            "put them there, or pass another feature network (e.g. a CLIP image tower trained here)"
         )
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    return _Inception(weights)
 
 
-def default_feature_net() -> nn.Module | None:
-    """Inception when LDM_INCEPTION_WEIGHTS points at its weights, else None (FID skipped)."""
-    import os
+class _Inception(nn.Module):
+    """torch-fidelity's FID Inception (through torchmetrics), fed our images as the uint8 it expects."""
 
-    path = os.environ.get("LDM_INCEPTION_WEIGHTS")
-    return inception_features(path) if path else None
+    num_features = 2048
+
+    def __init__(self, weights: Path):
+        super().__init__()
+        try:
+            import torch_fidelity  # noqa: F401
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except ImportError as err:
+            raise ImportError("FID's Inception network needs torch-fidelity: pip install torch-fidelity") from err
+        # important: torch-fidelity unpickles the file with weights_only=False; loading it with
+        # weights_only=True first refuses a file that holds anything but tensors.
+        torch.load(weights, map_location="cpu", weights_only=True)
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                      feature_extractor_weights_path=str(weights))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((_to_unit(x) * 255).round().to(torch.uint8))
+
+
+def _device(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def extract_features(images: torch.Tensor, features: nn.Module, batch_size: int = 64) -> torch.Tensor:
+    """(N, D) float64 features on the CPU of images in [-1, 1], computed on the network's device."""
+    device = _device(features)
+    out = [features(images[s : s + batch_size].float().to(device)).flatten(1).double().cpu()
+           for s in range(0, len(images), batch_size)]
+    return torch.cat(out)
 
 
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, features: nn.Module, kid_subset: int = 50) -> dict[str, float]:
-    """FID and KID between two sets of images in [-1, 1] with the given feature network."""
+    """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) between two sets of images in [-1, 1].
+
+    The features are computed once and passed to torchmetrics through an identity "network"
+    (it counts samples by the first dimension), so the real network runs once per image.
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=features, normalize=True)
-    kid = KernelInceptionDistance(feature=features, normalize=True, subset_size=min(kid_subset, len(real), len(fake)))
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(f"FID/KID need at least 2 images per set, got {len(real)} real and {len(fake)} fake")
+    real_f, fake_f = extract_features(real, features), extract_features(fake, features)
+    identity = FeatureNet(nn.Identity(), real_f.shape[1])
+    with warnings.catch_warnings():  # KID warns that it keeps all features: these are already in memory
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        fid = FrechetInceptionDistance(feature=identity)
+        kid = KernelInceptionDistance(feature=identity, subset_size=min(kid_subset, len(real), len(fake)))
     for metric in (fid, kid):
-        metric.update(_to_unit(real), real=True)
-        metric.update(_to_unit(fake), real=False)
+        metric.update(real_f, real=True)
+        metric.update(fake_f, real=False)
     kid_mean, _ = kid.compute()
     return {"fid": fid.compute().item(), "kid": kid_mean.item()}
 
 
-def reconstruction_metrics(real: torch.Tensor, recon: torch.Tensor, fid: bool = False, features: nn.Module | None = None) -> dict[str, float]:
+def reconstruction_metrics(real: torch.Tensor, recon: torch.Tensor, fid: bool = False,
+                           features: nn.Module | None = None) -> dict[str, float]:
+    """PSNR, SSIM, MSE of reconstructions in [-1, 1]; with `fid`, also rFID and rKID between the
+    sets, with `features` (default: Inception from `default_inception_path()`)."""
     results = {"psnr": psnr(real, recon), "ssim": ssim(real, recon), "mse": torch.mean((real - recon) ** 2).item()}
     if fid:
-        features = features or default_feature_net()
-        if features is not None:
-            scores = fid_kid(real, recon, features)
-            results.update(rfid=scores["fid"], rkid=scores["kid"])
+        scores = fid_kid(real, recon, features if features is not None else inception_features())
+        results.update(rfid=scores["fid"], rkid=scores["kid"])
     return results
 
 

@@ -1,11 +1,20 @@
 """Sampling: schedulers by short name, and the guided denoising loop written out once.
 
-Every scheduler is built from the pipeline's saved training schedule (`from_config`), so the
-prediction type, betas and spacing a model was trained with carry over to whichever sampler a
-user picks. `denoise()` is the loop of diffusers' StableDiffusionPipeline (same random draws,
-same guidance, same scheduler calls), so for the same seed it gives the same image; it adds
-img2img (start from a noised image), inpainting (re-impose the known region at each step,
-Lugmayr et al. 2022 style "blended" sampling for non-inpainting models) and the trajectory.
+Every scheduler is built from the model's training schedule (`make_scheduler`): the prediction
+type, betas, timestep spacing and zero-terminal-SNR rescaling a model was trained with carry over
+to whichever sampler a user picks, and a sampler that cannot honour the schedule is refused.
+
+`denoise()` is the loop of diffusers' StableDiffusionPipeline, StableDiffusionImg2ImgPipeline and
+StableDiffusionInpaintPipeline in one place, with the same random draws in the same order, the
+same guidance and the same scheduler calls, so for the same seeds it gives the same latents:
+
+    text-to-image   start from noise * init_noise_sigma
+    img2img         skip the first (1 - strength) of the steps; start from the image noised to
+                    the first kept timestep (SDEdit, Meng et al. 2022)
+    inpainting      4-channel UNets: after each step, outside the mask, put back the image noised
+                    to the next timestep ("blended" sampling, Avrahami et al. 2022);
+                    9-channel inpainting UNets: the mask and the masked image's latents are
+                    concatenated to the UNet input (Rombach et al. 2022, the SD inpainting model)
 """
 
 from __future__ import annotations
@@ -16,143 +25,104 @@ from typing import Callable
 
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
-                       DPMSolverSDEScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-                       KDPM2DiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+                       DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
+                       LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
-# name -> (scheduler class, config overrides, one-line description)
+# name -> (scheduler class, the sampler settings the name fixes, one-line description)
 SCHEDULERS: dict[str, tuple[type, dict, str]] = {
     "ddpm": (DDPMScheduler, {}, "ancestral DDPM (Ho et al. 2020)"),
-    "ddim": (DDIMScheduler, {}, "DDIM, eta=0 deterministic (Song et al. 2021)"),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}, "PLMS / pseudo linear multistep (Liu et al. 2022)"),
-    "lms": (LMSDiscreteScheduler, {}, "k-diffusion linear multistep (Karras et al. 2022)"),
-    "euler": (EulerDiscreteScheduler, {}, "Euler, Karras et al. 2022 algorithm 2 without churn"),
+    "ddim": (DDIMScheduler, {}, "DDIM, deterministic at eta=0 (Song et al. 2021)"),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}, "PLMS, pseudo linear multistep (Liu et al. 2022)"),
+    "lms": (LMSDiscreteScheduler, {}, "linear multistep (k-diffusion, Karras et al. 2022)"),
+    "euler": (EulerDiscreteScheduler, {}, "Euler (Karras et al. 2022, alg. 2 without churn)"),
     "euler_a": (EulerAncestralDiscreteScheduler, {}, "Euler ancestral (k-diffusion)"),
-    "heun": (HeunDiscreteScheduler, {}, "Heun 2nd order (Karras et al. 2022 algorithm 1)"),
+    "heun": (HeunDiscreteScheduler, {}, "Heun 2nd order (Karras et al. 2022, alg. 1)"),
     "kdpm2": (KDPM2DiscreteScheduler, {}, "DPM-Solver-2 (k-diffusion)"),
     "kdpm2_a": (KDPM2AncestralDiscreteScheduler, {}, "DPM-Solver-2 ancestral (k-diffusion)"),
-    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM-Solver++(2M) (Lu et al. 2022)"),
-    "dpm++2m_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}, "DPM-Solver++(2M), Karras sigmas"),
-    "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, "DPM-Solver++(2M) SDE"),
-    "dpm++sde": (DPMSolverSDEScheduler, {}, "DPM-Solver++ SDE (k-diffusion; needs torchsde)"),
-    "dpm++2s": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++"}, "DPM-Solver++(2S) singlestep"),
+    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2},
+                "DPM-Solver++(2M) (Lu et al. 2022)"),
+    "dpm++2m_karras": (DPMSolverMultistepScheduler,
+                       {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+                       "DPM-Solver++(2M) on Karras et al. 2022 sigmas"),
+    "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+                    "DPM-Solver++(2M) SDE"),
+    "dpm++sde": (DPMSolverSDEScheduler, {}, "DPM-Solver++ SDE, Brownian-tree noise (k-diffusion; needs torchsde)"),
     "unipc": (UniPCMultistepScheduler, {}, "UniPC (Zhao et al. 2023)"),
     "deis": (DEISMultistepScheduler, {}, "DEIS multistep (Zhang & Chen 2023)"),
 }
 
+# Keys some name above fixes: a sampler choice, not the model's schedule, so they never carry over
+# from the saved scheduler (a pipeline saved with Karras sigmas must not make "euler" use them).
+SAMPLER_KEYS = frozenset(key for _, settings, _ in SCHEDULERS.values() for key in settings)
 
-def scheduler_names() -> list[str]:
-    return list(SCHEDULERS)
+# important: latents are not images in [-1, 1]. DDIM/DDPM default to clipping x0 there, which
+# ruins latent samples; SD's configs say clip_sample=False, and a saved config of a scheduler
+# that has no such key (Euler, DPM-Solver) must not bring the clipping back.
+LATENT_DEFAULTS = {"clip_sample": False}
 
 
-def make_scheduler(name: str, base_config: dict):
-    """A scheduler by short name, configured from the model's training schedule."""
+def _init_params(cls: type) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(cls.__init__).parameters)
+
+
+def make_scheduler(name: str, schedule: dict):
+    """The scheduler `name`, configured with the model's training `schedule` (a scheduler config).
+
+    Keys the class does not take are dropped, except zero-terminal-SNR rescaling: a scheduler that
+    cannot apply it would sample another noise schedule than the model learned, so it is refused.
+    """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    cls, overrides, _ = SCHEDULERS[name]
-    config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+    cls, settings, _ = SCHEDULERS[name]
     if name == "dpm++sde":
         try:
             import torchsde  # noqa: F401
         except ImportError as err:
-            raise ImportError("scheduler dpm++sde needs torchsde: pip install torchsde") from err
-    return cls.from_config({**config, **overrides})
+            raise ImportError("scheduler 'dpm++sde' needs torchsde: pip install torchsde") from err
+    params = _init_params(cls)
+    if schedule.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:
+        able = [n for n, (c, _, _) in SCHEDULERS.items() if "rescale_betas_zero_snr" in _init_params(c)]
+        raise ValueError(f"scheduler {name!r} cannot sample this model's zero-terminal-SNR schedule "
+                         f"(rescale_betas_zero_snr); use one of: {', '.join(able)}")
+    config = {**LATENT_DEFAULTS, **{k: v for k, v in schedule.items() if k not in SAMPLER_KEYS}, **settings}
+    return cls.from_config({k: v for k, v in config.items() if k in params})
 
 
-@dataclasses.dataclass
-class GenerationResult:
-    images: torch.Tensor                     # (B, 3, H, W) in [0, 1]
-    latents: torch.Tensor                    # final latents (scaled)
-    trajectory: list[tuple[int, torch.Tensor, torch.Tensor]]  # (t, x_t image, predicted x0 image), if asked
+def scheduler_name_of(scheduler) -> str | None:
+    """The name in SCHEDULERS that builds this scheduler's sampler (class and settings), or None."""
+    for name, (cls, settings, _) in SCHEDULERS.items():
+        if type(scheduler) is not cls:
+            continue
+        params = _init_params(cls)
+        fixed = {k: settings.get(k, params[k].default) for k in SAMPLER_KEYS if k in params}
+        if all(scheduler.config.get(k) == v for k, v in fixed.items()):
+            return name
+    return None
 
 
-def encode_text(text_encoder, tokenizer, prompts: list[str], clip_skip: int = 0) -> torch.Tensor:
-    """Prompt embeddings the way diffusers' StableDiffusionPipeline.encode_prompt computes them."""
-    from ldm.models.text import encode_prompts
+def seed_sde_noise(scheduler, seeds: list[int]) -> None:
+    """Seed the Brownian-tree noise of DPMSolverSDEScheduler, one tree per image.
 
-    return encode_prompts(text_encoder, tokenizer, prompts, clip_skip=clip_skip, device=text_encoder.device)
-
-
-def rescale_cfg(noise_cfg: torch.Tensor, noise_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
-    """Guidance rescale (Lin et al. 2024, sec. 3.4): match the std of the text-conditioned prediction."""
-    std_text = noise_text.std(dim=list(range(1, noise_text.ndim)), keepdim=True)
-    std_cfg = noise_cfg.std(dim=list(range(1, noise_cfg.ndim)), keepdim=True)
-    rescaled = noise_cfg * (std_text / std_cfg)
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
-
-
-def _step_kwargs(scheduler, generator, eta: float) -> dict:
-    params = set(inspect.signature(scheduler.step).parameters)
-    kwargs = {}
-    if "eta" in params:
-        kwargs["eta"] = eta
-    if "generator" in params:
-        kwargs["generator"] = generator
-    return kwargs
-
-
-@torch.no_grad()
-def denoise(
-    unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor | None, latents: torch.Tensor, *,
-    num_steps: int, guidance_scale: float = 7.5, guidance_rescale: float = 0.0, generator=None, eta: float = 0.0,
-    strength: float = 1.0, init_latents: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-    callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """The reverse process: classifier-free guided steps from noise (or a noised image) to x_0.
-
-    `latents` is the initial Gaussian noise (unscaled by sigma). For img2img, `init_latents`
-    (the encoded image, scaled) is noised to the first timestep kept by `strength`. For
-    inpainting, `mask` (1 = regenerate, latent size) keeps the known region equal to the
-    image noised to the current level, so only the masked part is generated.
-    One batched forward evaluates the unconditional and conditional predictions together.
+    It draws its noise from torchsde, not from the generator passed to `step`, and without a seed
+    from torch's global RNG; seeding it with the images' seeds makes the same seed give the same
+    image, whatever else is in the batch. Other schedulers are left as they are.
     """
-    scheduler.set_timesteps(num_steps, device=latents.device)
-    timesteps = scheduler.timesteps
-    if init_latents is not None and strength < 1.0:
-        keep = min(int(num_steps * strength), num_steps)
-        t_start = max(num_steps - keep, 0)
-        timesteps = timesteps[t_start * scheduler.order:]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(t_start * scheduler.order)
-    noise = latents
-    if init_latents is not None and (strength < 1.0 or mask is not None):
-        first = timesteps[:1].repeat(latents.shape[0])
-        x = scheduler.add_noise(init_latents, noise, first) if strength < 1.0 else noise * scheduler.init_noise_sigma
-    else:
-        x = noise * scheduler.init_noise_sigma
-    guided = uncond is not None and guidance_scale > 1.0
-    embeddings = torch.cat([uncond, cond]) if guided else cond
-    extra = _step_kwargs(scheduler, generator, eta)
-    for i, t in enumerate(timesteps):
-        model_in = torch.cat([x] * 2) if guided else x
-        model_in = scheduler.scale_model_input(model_in, t)
-        pred = unet(model_in, t, encoder_hidden_states=embeddings, return_dict=False)[0]
-        if guided:
-            pred_uncond, pred_text = pred.chunk(2)
-            pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
-            if guidance_rescale > 0:
-                pred = rescale_cfg(pred, pred_text, guidance_rescale)
-        out = scheduler.step(pred, t, x, **extra, return_dict=True)
-        x = out.prev_sample
-        if mask is not None and init_latents is not None:
-            # blended inpainting: outside the mask, the image itself at the next noise level
-            if i + 1 < len(timesteps):
-                known = scheduler.add_noise(init_latents, noise, timesteps[i + 1 : i + 2].repeat(x.shape[0]))
-            else:
-                known = init_latents
-            x = mask * x + (1 - mask) * known
-        if callback is not None:
-            x0 = getattr(out, "pred_original_sample", None)
-            callback(i, int(t), x, x0 if x0 is not None else x)
-    return x
+    if isinstance(scheduler, DPMSolverSDEScheduler):
+        scheduler.noise_sampler_seed = [int(s) for s in seeds]
 
 
-def initial_noise(batch: int, channels: int, height: int, width: int, seeds: list[int] | None, device, dtype) -> tuple[torch.Tensor, list[torch.Generator] | None]:
-    """Per-image seeded noise, drawn exactly as diffusers' pipelines draw it (randn_tensor)."""
-    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds] if seeds is not None else None
-    noise = randn_tensor((batch, channels, height, width), generator=generators, device=torch.device(device), dtype=dtype)
-    return noise, generators
+def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image: the same draws on every device, as diffusers recommends."""
+    return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+
+
+def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+    """Gaussian noise, image i drawn from generators[i] (diffusers' randn_tensor)."""
+    return randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -163,9 +133,118 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-def encode_images(vae, images: torch.Tensor, generator=None) -> torch.Tensor:
-    """Images in [0, 1] -> scaled latents (a posterior sample, as diffusers' img2img does)."""
+def encode_images(vae, images: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """Images in [0, 1] -> scaled latents: a posterior sample, drawn as diffusers' img2img draws it.
+
+    With a list of generators, sample i comes from generators[i]; one image with several
+    generators is encoded once and sampled once per generator.
+    """
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     x = (images * 2 - 1).to(device=vae.device, dtype=vae.dtype)
-    z = vae.encode(x).latent_dist.sample(generator=generator)
+    posterior = vae.encode(x).latent_dist
+    if isinstance(generator, list) and len(generator) != x.shape[0]:
+        if x.shape[0] != 1:
+            raise ValueError(f"{len(generator)} generators for {x.shape[0]} images")
+        posterior = DiagonalGaussianDistribution(posterior.parameters.expand(len(generator), -1, -1, -1))
+    z = posterior.sample(generator=generator)
     return (z - shift) * vae.config.scaling_factor
+
+
+@dataclasses.dataclass
+class Inpainting:
+    """What inpainting adds to the loop (diffusers' StableDiffusionInpaintPipeline)."""
+
+    mask: torch.Tensor                                  # (B, 1, h, w) at latent size; 1 = regenerate
+    masked_image_latents: torch.Tensor | None = None    # for 9-channel inpainting UNets, else None
+
+
+def kept_timesteps(scheduler, num_steps: int, strength: float, device) -> torch.Tensor:
+    """The timesteps to run: all of them, or for img2img the last `strength` of them (as
+    diffusers' get_timesteps: multistep schedulers keep `order` entries per step)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    scheduler.set_timesteps(num_steps, device=device)
+    kept = min(int(num_steps * strength), num_steps)
+    if kept < 1:
+        raise ValueError(f"strength {strength} with {num_steps} steps leaves no step to run; raise either")
+    start = (num_steps - kept) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def predicted_x0(scheduler, model_input: torch.Tensor, prediction: torch.Tensor, t) -> torch.Tensor:
+    """x0 from the scaled model input (x_t = sqrt(abar) x0 + sqrt(1 - abar) eps for every
+    scheduler, after scale_model_input) and the prediction, for any scheduler."""
+    abar = scheduler.alphas_cumprod.to(model_input.device)[int(round(float(t)))].to(model_input.dtype)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (model_input - (1 - abar).sqrt() * prediction) / abar.sqrt()
+    if kind == "v_prediction":  # Salimans & Ho 2022, eq. 9
+        return abar.sqrt() * model_input - (1 - abar).sqrt() * prediction
+    return prediction
+
+
+def _step_kwargs(scheduler, generator, eta: float) -> dict:
+    """eta and generator for the schedulers whose `step` takes them (diffusers' prepare_extra_step_kwargs)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
+
+
+@torch.no_grad()
+def denoise(
+    unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor, *,
+    num_steps: int, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+    generator: list[torch.Generator] | None = None, eta: float = 0.0,
+    image_latents: torch.Tensor | None = None, strength: float = 1.0, inpaint: Inpainting | None = None,
+    callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The reverse process: classifier-free guided steps from noise (or a noised image) to x_0.
+
+    `noise` is the initial Gaussian noise (not yet scaled by init_noise_sigma); `image_latents`
+    the encoded image (scaled) for img2img (`strength` < 1) and 4-channel inpainting; `uncond`
+    the negative-prompt embeddings (guidance is on when given and guidance_scale > 1).
+    `callback(i, t, x after the step, predicted x0 at t)` sees every step.
+    """
+    if image_latents is None and strength < 1.0:
+        raise ValueError(f"strength {strength} < 1 starts from an image: pass image_latents")
+    if image_latents is None and inpaint is None:
+        # text-to-image: StableDiffusionPipeline lets the scheduler find its first step index;
+        # the image pipelines pin it (kept_timesteps). They differ where a timestep repeats.
+        scheduler.set_timesteps(num_steps, device=noise.device)
+        timesteps = scheduler.timesteps
+    else:
+        timesteps = kept_timesteps(scheduler, num_steps, strength, noise.device)
+    if strength < 1.0:
+        x = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(noise.shape[0]))
+    else:
+        x = noise * scheduler.init_noise_sigma
+    blend = inpaint is not None and inpaint.masked_image_latents is None
+    if blend and image_latents is None:
+        raise ValueError("inpainting with a 4-channel UNet blends the known region back in: pass image_latents")
+    guided = uncond is not None and guidance_scale > 1.0
+    embeddings = torch.cat([uncond, cond]) if guided else cond
+    extra = _step_kwargs(scheduler, generator, eta)
+    for i, t in enumerate(timesteps):
+        model_in = scheduler.scale_model_input(torch.cat([x] * 2) if guided else x, t)
+        scaled = model_in[-x.shape[0]:]
+        if inpaint is not None and inpaint.masked_image_latents is not None:
+            extra_channels = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)
+            model_in = torch.cat([model_in, torch.cat([extra_channels] * 2) if guided else extra_channels], dim=1)
+        pred = unet(model_in, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+        if guided:
+            pred_uncond, pred_text = pred.chunk(2)
+            pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
+            if guidance_rescale > 0:  # Lin et al. 2024, sec. 3.4
+                pred = rescale_noise_cfg(pred, pred_text, guidance_rescale=guidance_rescale)
+        x0 = predicted_x0(scheduler, scaled, pred, t) if callback is not None else None
+        x = scheduler.step(pred, t, x, **extra, return_dict=False)[0]
+        if blend:
+            # outside the mask: the image itself, noised to the level the next step starts from
+            known = image_latents
+            if i + 1 < len(timesteps):
+                known = scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+            x = (1 - inpaint.mask) * known + inpaint.mask * x
+        if callback is not None:
+            callback(i, int(t), x, x0)
+    return x

@@ -72,14 +72,16 @@ def iter_prepared(cfg: DataConfig, split: str, report: DataReport, keep=lambda i
         lo, hi = (0, cut) if split == "train" else (cut, n_total)
     if split == "train" and cfg.max_images:
         hi = min(hi, lo + cfg.max_images) if hi is not None else lo + cfg.max_images
-    rng = random.Random(getattr(source_cfg, "seed", 0))
+    seed = getattr(source_cfg, "seed", 0)
     for position, record in enumerate(tqdm(source, desc=desc or f"read {split}", total=hi, disable=desc == "")):
         if hi is not None and position >= hi:
             break
         index = position - lo
         if index < 0 or not keep(index):
             continue
-        tensor, meta = prepare_image(record.image, cfg.transform, rng)
+        # important: a random crop drawn from the record's own index, not one shared stream, so a
+        # record gets the same crop whichever others are kept (resumed encode, several processes)
+        tensor, meta = prepare_image(record.image, cfg.transform, random.Random(f"{seed}/{index}"))
         yield index, tensor, list(record.captions), record.id, meta
 
 

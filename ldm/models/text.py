@@ -27,6 +27,7 @@ from typing import Literal
 import open_clip
 import torch
 from open_clip.tokenizer import bytes_to_unicode
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
@@ -302,7 +303,7 @@ def openclip_to_clip_text_model(source: torch.nn.Module | Mapping[str, torch.Ten
             dst = f"encoder.layers.{i}.self_attn."
             converted |= {dst + f"q_proj.{kind}": q, dst + f"k_proj.{kind}": k, dst + f"v_proj.{kind}": v}
     model = CLIPTextModel(config)
-    missing, unexpected = _text_transformer(model).load_state_dict(
+    missing, unexpected = _text_transformer(model).load_state_dict(  # in fp32, whatever the source's dtype
         {k: v.detach().float().clone() for k, v in converted.items()}, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]  # a buffer, not a weight
     if missing or unexpected:
@@ -310,13 +311,15 @@ def openclip_to_clip_text_model(source: torch.nn.Module | Mapping[str, torch.Ten
     return _freeze(model)
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     """Weights from .safetensors, or a pickled .bin/.pt/.ckpt with weights_only=True."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
+    state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def load_openclip_text_encoder(checkpoint_path: str | os.PathLike, model_name_or_cfg: str | Mapping,
@@ -328,6 +331,8 @@ def load_openclip_text_encoder(checkpoint_path: str | os.PathLike, model_name_or
     config dict. `layer="penultimate"` is SD-2.x's conditioning; `pad_token="!"` matches
     `open_clip.tokenize`'s zero padding.
     """
+    if layer not in ("last", "penultimate"):
+        raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
     path = Path(checkpoint_path)
     if not path.is_file():
         raise FileNotFoundError(f"no OpenCLIP checkpoint at {path}")

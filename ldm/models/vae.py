@@ -27,6 +27,7 @@ class VAEModelConfig:
     block_out_channels: list[int] | None = None  # per-level widths; None: the preset's
     latent_channels: int | None = None      # None: the preset's (4)
     layers_per_block: int | None = None
+    norm_num_groups: int | None = None      # GroupNorm groups; must divide every width. None: the preset's
     use_shift: bool = False                 # also measure and store a mean shift (SD3/FLUX style)
 
     def validate(self) -> None:
@@ -34,6 +35,11 @@ class VAEModelConfig:
                 f"model.preset {self.preset!r} is not one of {sorted(VAE_PRESETS)}")
         if self.pretrained:
             require(Path(self.pretrained).is_dir(), f"model.pretrained: no such directory {self.pretrained!r}")
+        else:
+            widths = self.block_out_channels or VAE_PRESETS[self.preset]["block_out_channels"]
+            groups = self.norm_num_groups or VAE_PRESETS[self.preset]["norm_num_groups"]
+            require(all(w % groups == 0 for w in widths),
+                    f"model.norm_num_groups={groups} must divide every width of model.block_out_channels={list(widths)}")
 
 
 def build_vae(cfg: VAEModelConfig, resolution: int | None = None) -> AutoencoderKL:
@@ -41,7 +47,8 @@ def build_vae(cfg: VAEModelConfig, resolution: int | None = None) -> Autoencoder
         return load_vae(cfg.pretrained)
     overrides = {k: v for k, v in (("block_out_channels", cfg.block_out_channels),
                                    ("latent_channels", cfg.latent_channels),
-                                   ("layers_per_block", cfg.layers_per_block)) if v is not None}
+                                   ("layers_per_block", cfg.layers_per_block),
+                                   ("norm_num_groups", cfg.norm_num_groups)) if v is not None}
     if cfg.block_out_channels is not None:  # the number of levels follows the widths given
         overrides["down_block_types"] = ("DownEncoderBlock2D",) * len(cfg.block_out_channels)
         overrides["up_block_types"] = ("UpDecoderBlock2D",) * len(cfg.block_out_channels)

@@ -194,15 +194,19 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     return out_dir
 
 
+def _eval_pairs(eval_set: ImageStore, n: int) -> tuple[torch.Tensor, list[str]]:
+    """The first n held-out images ([-1, 1]) and one caption each (their first)."""
+    return eval_set.batch(list(range(n))), [caps[0] if caps else "" for caps in eval_set.captions[:n]]
+
+
 @torch.no_grad()
 def _features(clip: open_clip.CLIP, tokenizer: CLIPTokenizer, eval_set: ImageStore, n: int):
-    """Normalised features of the first n held-out images and of one caption each (the first)."""
+    """Normalised features of the held-out pairs from the model being trained."""
     was_training = clip.training
     clip.eval()
     device = next(clip.parameters()).device
-    captions = [caps[0] if caps else "" for caps in eval_set.captions[:n]]
-    images = eval_set.batch(list(range(n))).to(device)
-    image_features = clip.encode_image(images, normalize=True)
+    images, captions = _eval_pairs(eval_set, n)
+    image_features = clip.encode_image(images.to(device), normalize=True)
     text_features = clip.encode_text(tokenize(tokenizer, captions).to(device), normalize=True)
     clip.train(was_training)
     return image_features, text_features, captions
@@ -310,6 +314,5 @@ def load_clip_scorer(path: str | Path, device: torch.device | str = "cpu") -> Cl
 
 def evaluate_scorer(scorer: ClipScorer, eval_set: ImageStore, n: int) -> dict[str, float]:
     """Retrieval among the first n held-out pairs, computed from the exported files."""
-    captions = [caps[0] if caps else "" for caps in eval_set.captions[:n]]
-    images = eval_set.batch(list(range(n)))
+    images, captions = _eval_pairs(eval_set, n)
     return retrieval(scorer.image_features(images, normalize=True), scorer.text_features(captions, normalize=True), captions)

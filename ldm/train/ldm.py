@@ -27,7 +27,7 @@ from ldm.losses import diffusion_loss
 from ldm.models.conditioning import TextEncoderConfig, load_text
 from ldm.models.unet import UNetModelConfig, build_unet
 from ldm.models.vae import load_vae, weights_hash
-from ldm.sampling import decode_latents, denoise, initial_noise, make_scheduler
+from ldm.sampling import decode_latents, denoise, initial_noise, make_scheduler, seeded_generators
 from ldm.models.text import encode_prompts
 from ldm.train.common import (LoopConfig, NonFiniteGuard, batch_indices, load_checkpoint, lr_lambda, make_accelerator,
                               make_optimizer, resolve_resume, save_checkpoint, start_run)
@@ -207,7 +207,8 @@ def sample_grid(unet, vae, text_encoder, tokenizer, cfg: LDMTrainConfig, prompts
     cond = encode_prompts(text_encoder, tokenizer, all_prompts, clip_skip=cfg.text.clip_skip)
     uncond = encode_prompts(text_encoder, tokenizer, [""] * len(all_prompts), clip_skip=cfg.text.clip_skip)
     size = unet.config.sample_size
-    noise, generators = initial_noise(len(all_prompts), unet.config.in_channels, size, size, all_seeds, cond.device, cond.dtype)
+    generators = seeded_generators(all_seeds)
+    noise = initial_noise((len(all_prompts), unet.config.in_channels, size, size), generators, cond.device, cond.dtype)
     latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=val.steps, guidance_scale=val.guidance_scale, generator=generators)
     return decode_latents(vae, latents).cpu()
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ldm.config import require
 from ldm.data.images import DataConfig, ImageStore, image_grid, load_images
 from ldm.losses import VAELoss, VAELossConfig
-from ldm.metrics import reconstruction_metrics
+from ldm.metrics import default_inception_path, inception_features, reconstruction_metrics
 from ldm.models.vae import (VAEModelConfig, build_vae, downsample_factor, measure_latent_scale,
                             set_latent_scale)
 from ldm.train.common import (LoopConfig, NonFiniteGuard, batch_indices, load_checkpoint, lr_lambda,
@@ -37,10 +37,15 @@ class VAETrainConfig:
     disc_lr: float = 0.0               # discriminator LR (0: same as train.lr)
     scale_images: int = 512            # training images used to measure the latent scale
     grid_images: int = 16              # held-out images in each reconstruction grid
-    fid: bool = False                  # rFID on the held-out set (needs a feature network, see ldm.metrics)
+    fid: bool = False                  # rFID/rKID on the held-out set with FID's Inception (see ldm.metrics)
+    fid_weights: str = ""              # torch-fidelity's Inception weights file; "": torch's hub cache
 
     def validate(self) -> None:
         require(self.scale_images > 0, "scale_images must be > 0")
+        if self.fid:
+            weights = Path(self.fid_weights) if self.fid_weights else default_inception_path()
+            require(weights.is_file(), f"fid: true needs FID's Inception weights on disk, not found at {weights}; "
+                                       "set fid_weights to the file, or fid=false")
         if not self.model.pretrained:
             factor = 2 ** (len(self.model.block_out_channels or [0] * _preset_levels(self.model.preset)) - 1)
             require(self.data.transform.resolution % factor == 0,
@@ -54,7 +59,12 @@ def _preset_levels(preset: str) -> int:
     return len(vae_config(preset)["block_out_channels"])
 
 
-def train_vae(cfg: VAETrainConfig) -> Path:
+def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> Path:
+    """Train (or fine-tune) the VAE; returns the exported AutoencoderKL directory.
+
+    `features`: the network for rFID/rKID on held-out images (in [-1, 1] -> (B, D), see
+    ldm.metrics); default: Inception when `cfg.fid`, else no rFID.
+    """
     out_dir = Path(cfg.out_dir)
     loop = cfg.train
     accelerator = make_accelerator(loop, out_dir)
@@ -69,13 +79,19 @@ def train_vae(cfg: VAETrainConfig) -> Path:
     require(len(train_set) >= loop.batch_size * accelerator.num_processes,
             f"only {len(train_set)} usable training images, fewer than one batch")
 
-    # --- model, loss (holds logvar and the discriminator), optimisers, EMA
+    if features is None and cfg.fid:
+        features = inception_features(cfg.fid_weights or None).to(accelerator.device)
+
+    # --- model, loss (logvar, LPIPS, discriminator), optimisers, EMA
     vae = build_vae(cfg.model, cfg.data.transform.resolution)
-    loss_fn = VAELoss(cfg.loss)
-    opt_ae = make_optimizer(list(vae.parameters()) + [loss_fn.logvar], loop)  # important: logvar is optimised
+    loss_fn = VAELoss(cfg.loss).to(accelerator.device)
+    # important: logvar rides in the autoencoder's module, so opt_ae updates it and DDP averages
+    # its gradient; the discriminator is prepared on its own, with its own optimiser.
+    ae = Autoencode(vae, loss_fn.logvar)
+    opt_ae = make_optimizer(ae.parameters(), loop)
     opt_d = make_optimizer(loss_fn.discriminator.parameters(), loop, lr=cfg.disc_lr or loop.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(loop))
-    ae, loss_fn, opt_ae, opt_d, sched = accelerator.prepare(Autoencode(vae), loss_fn, opt_ae, opt_d, sched)
+    ae, disc, opt_ae, opt_d, sched = accelerator.prepare(ae, loss_fn.discriminator, opt_ae, opt_d, sched)
     vae = accelerator.unwrap_model(ae).vae
     ema = EMAModel(vae.parameters(), decay=loop.ema_decay, use_ema_warmup=loop.ema_warmup) if loop.ema_decay else None
     if ema is not None:
@@ -92,17 +108,19 @@ def train_vae(cfg: VAETrainConfig) -> Path:
                             accelerator.process_index, accelerator.num_processes)
     guard = NonFiniteGuard(loop.max_nonfinite_steps)
     last_layer = vae.decoder.conv_out.weight
-    lossf = accelerator.unwrap_model(loss_fn)
 
     progress = tqdm(total=loop.steps, initial=step, desc="vae", disable=not accelerator.is_local_main_process)
     while step < loop.steps:
         logs = {}
         for _ in range(loop.grad_accum):
             x = train_set.batch(next(batches)).to(accelerator.device)
-            # generator step: autoencoder + logvar; the discriminator only scores (its grads are zeroed)
-            with accelerator.accumulate(ae):
+            # important: one accumulate() for both models; each call counts a micro-batch, so a
+            # second one per micro-batch would shift which micro-batches step each optimiser.
+            # autocast: LPIPS and the discriminator's scoring run in mixed precision too.
+            with accelerator.accumulate(ae, disc), accelerator.autocast():
+                # generator step: autoencoder + logvar; the discriminator only scores, frozen
                 posterior, recon = ae(x)
-                g_loss, logs = lossf.generator_loss(x, recon, posterior, step, last_layer)
+                g_loss, logs = loss_fn.generator_loss(x, recon, posterior, step, last_layer)
                 if guard.ok(g_loss):
                     accelerator.backward(g_loss)
                     if accelerator.sync_gradients and loop.max_grad_norm:
@@ -110,16 +128,14 @@ def train_vae(cfg: VAETrainConfig) -> Path:
                     opt_ae.step()
                     sched.step()
                 opt_ae.zero_grad(set_to_none=True)
-                opt_d.zero_grad(set_to_none=True)
-            # discriminator step on detached reconstructions: never reaches the autoencoder
-            if lossf.disc_active(step):
-                with accelerator.accumulate(loss_fn):
-                    d_loss, d_logs = lossf.discriminator_loss(x, recon)
+                # discriminator step on detached reconstructions: never reaches the autoencoder
+                if loss_fn.disc_active(step):
+                    d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc)
                     if guard.ok(d_loss):
                         accelerator.backward(d_loss)
                         opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
-                logs.update(d_logs)
+                    logs.update(d_logs)
         step += 1
         if ema is not None:
             ema.step(vae.parameters())
@@ -129,7 +145,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
             log.write(step, lr=sched.get_last_lr()[0], skipped=guard.total, **logs)
         if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps:
             with swapped_ema(ema, vae):
-                results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg)
+                results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg, features)
             log.write(step, **{f"eval/{k}": v for k, v in results.items()})
         if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
             save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit)
@@ -142,7 +158,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
         if ema is not None:
             ema.copy_to(final.parameters())
         final.eval()
-        export_vae(final, train_set, eval_set, out_dir, cfg)
+        export_vae(final, train_set, eval_set, out_dir, cfg, features)
         log.write(step, **{f"final/{k}": v for k, v in json.loads((out_dir / "eval.json").read_text()).items() if isinstance(v, (int, float))})
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -150,11 +166,12 @@ def train_vae(cfg: VAETrainConfig) -> Path:
 
 
 class Autoencode(torch.nn.Module):
-    """encode -> sample -> decode in one forward, so DDP sees (and syncs) the whole autoencoder."""
+    """encode -> sample -> decode in one forward, so DDP sees (and syncs) the whole autoencoder,
+    and the NLL's learned log-variance (used by the loss after this forward) with it."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, logvar: torch.nn.Parameter):
         super().__init__()
-        self.vae = vae
+        self.vae, self.logvar = vae, logvar
 
     def forward(self, x: torch.Tensor):
         posterior = self.vae.encode(x).latent_dist
@@ -178,8 +195,9 @@ class swapped_ema:
 
 
 @torch.no_grad()
-def evaluate_vae(vae, eval_set: ImageStore, grid_path: Path | None, cfg: VAETrainConfig, batch_size: int = 32) -> dict:
-    """Held-out PSNR/SSIM (and rFID if asked) from the posterior mode; saves a grid of pairs."""
+def evaluate_vae(vae, eval_set: ImageStore, grid_path: Path | None, cfg: VAETrainConfig,
+                 features: torch.nn.Module | None = None, batch_size: int = 32) -> dict:
+    """Held-out PSNR/SSIM (and rFID with `features`) from the posterior mode; saves a grid of pairs."""
     was_training = vae.training
     vae.eval()
     device = next(vae.parameters()).device
@@ -189,7 +207,7 @@ def evaluate_vae(vae, eval_set: ImageStore, grid_path: Path | None, cfg: VAETrai
         recons.append(vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1).cpu())
         reals.append(x.cpu())
     real, recon = torch.cat(reals), torch.cat(recons)
-    results = reconstruction_metrics(real, recon, fid=cfg.fid)
+    results = reconstruction_metrics(real, recon, fid=features is not None, features=features)
     if grid_path is not None:
         n = min(cfg.grid_images, len(real))
         pairs = torch.stack([real[:n], recon[:n]], 1).flatten(0, 1)
@@ -198,14 +216,15 @@ def evaluate_vae(vae, eval_set: ImageStore, grid_path: Path | None, cfg: VAETrai
     return results
 
 
-def export_vae(vae, train_set: ImageStore, eval_set: ImageStore, out_dir: Path, cfg: VAETrainConfig) -> None:
+def export_vae(vae, train_set: ImageStore, eval_set: ImageStore, out_dir: Path, cfg: VAETrainConfig,
+               features: torch.nn.Module | None = None) -> None:
     """Measure the latent scale on training images, store it in the config, save, evaluate."""
     n = min(cfg.scale_images, len(train_set))
     batches = (train_set.batch(list(range(s, min(s + 32, n)))) for s in range(0, n, 32))
     scale, shift = measure_latent_scale(vae, batches, use_shift=cfg.model.use_shift)
     set_latent_scale(vae, scale, shift)
     vae.save_pretrained(out_dir / "vae", safe_serialization=True)
-    results = evaluate_vae(vae, eval_set, out_dir / "recon-final.png", cfg)
+    results = evaluate_vae(vae, eval_set, out_dir / "recon-final.png", cfg, features)
     results.update(held_out_latent_stats(vae, eval_set))
     results.update(scaling_factor=scale, shift_factor=shift, downsample_factor=downsample_factor(vae))
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2))

@@ -1,0 +1,87 @@
+"""One tiny run of each stage on CPU, chained as a user chains them, checking what each wrote."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+from ldm.config import load_config
+from ldm.data.cache import EncodeConfig, encode_dataset, open_cache
+from ldm.demo import run_demo
+from ldm.infer import generate, load_pipeline
+from ldm.train.ldm import LDMTrainConfig, train_ldm
+from ldm.train.vae import VAETrainConfig, train_vae
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ["data.source.size=48", "data.source.resolution=32", "data.transform.resolution=32", "data.eval_size=8"]
+VAE = ["model.preset=tiny-f4", "model.block_out_channels=null", "model.norm_num_groups=null", "model.layers_per_block=null",
+       "train.steps=3", "train.batch_size=4", "train.warmup_steps=0", "train.save_every=2", "scale_images=32"]
+LDM = ["model.block_out_channels=[32, 64]", "model.down_block_types=[CrossAttnDownBlock2D, DownBlock2D]",
+       "model.up_block_types=[UpBlock2D, CrossAttnUpBlock2D]", "model.attention_head_dim=8", "train.steps=3",
+       "train.batch_size=4", "train.warmup_steps=0", "train.eval_every=2", "train.save_every=2",
+       "validation.steps=2", "validation.seeds=[0]", "validation.held_out_batches=1"]
+TINY = {"vae": DATA + VAE, "encode": DATA + ["shard_size=16", "batch_size=8"], "ldm": LDM}
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stages")
+    vae_cfg = load_config(VAETrainConfig, ROOT / "configs/vae/shapes_cpu.yaml", [f"out_dir={out / 'vae'}", *TINY["vae"]])
+    vae_dir = train_vae(vae_cfg)
+    enc_cfg = load_config(EncodeConfig, ROOT / "configs/encode/shapes_cpu.yaml",
+                          [f"vae={vae_dir}", f"out_dir={out / 'latents'}", *TINY["encode"]])
+    cache_dir = encode_dataset(enc_cfg)
+    ldm_cfg = load_config(LDMTrainConfig, ROOT / "configs/ldm/shapes_cpu.yaml",
+                          [f"out_dir={out / 'ldm'}", f"cache={cache_dir}", f"vae={vae_dir}", *TINY["ldm"]])
+    pipeline_dir = train_ldm(ldm_cfg)
+    return {"out": out, "vae": vae_dir, "cache": cache_dir, "pipeline": pipeline_dir}
+
+
+def test_stage1_writes_an_autoencoderkl_with_measured_scale(stages):
+    vae = AutoencoderKL.from_pretrained(stages["vae"])
+    assert vae.config.scaling_factor != pytest.approx(0.18215)
+    run = stages["out"] / "vae"
+    results = json.loads((run / "eval.json").read_text())
+    assert {"psnr", "ssim", "latent_std"} <= set(results)
+    assert (run / "recon-final.png").exists() and (run / "config.yaml").exists()
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-2", "step-3"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("rec" in line for line in lines)
+
+
+def test_stage2_cache_matches_the_vae(stages):
+    manifest = json.loads((stages["cache"] / "manifest.json").read_text())
+    vae = AutoencoderKL.from_pretrained(stages["vae"])
+    assert manifest["splits"]["train"]["count"] == 48 and manifest["splits"]["eval"]["count"] == 8
+    assert manifest["scaling_factor"] == pytest.approx(vae.config.scaling_factor)
+    cache = open_cache(stages["cache"])
+    z = cache.latents([0, 1, 2, 3], generator=torch.Generator().manual_seed(0))
+    assert z.shape == (4, 4, 8, 8) and torch.isfinite(z).all()
+    assert all(isinstance(c[0], str) and c[0] for c in cache.captions)
+
+
+def test_stage3_exports_a_pipeline_diffusers_loads(stages):
+    pipe = StableDiffusionPipeline.from_pretrained(stages["pipeline"], local_files_only=True)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    info = json.loads((stages["pipeline"] / "ldm.json").read_text())
+    assert info["caption_dropout"] == pytest.approx(0.1)
+    assert info["training_scheduler"]["prediction_type"] == pipe.scheduler.config.prediction_type
+    run = stages["out"] / "ldm"
+    assert (run / "samples" / "step-000002.png").exists() and (run / "samples" / "step-000003.png").exists()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in line for line in lines) and any("loss" in line for line in lines)
+
+
+def test_generated_images_have_the_native_size(stages):
+    pipe = load_pipeline(stages["out"] / "ldm", device="cpu")
+    out = generate(pipe, ["a large red circle on the left, on a gray background"], seeds=[3], steps=2, guidance_scale=2.0)
+    assert out[0]["image"].size == (32, 32)
+
+
+def test_demo_runs_end_to_end_and_scores(stages, tmp_path):
+    overrides = {**TINY, "ldm": TINY["ldm"] + ["train.eval_every=0", "train.save_every=0"]}
+    summary = run_demo(tmp_path, n_eval=8, overrides=overrides)
+    assert set(summary["adherence"]) >= {"color", "shape", "size", "position", "background"}
+    assert (tmp_path / "adherence-grid.png").exists() and (tmp_path / "summary.json").exists()

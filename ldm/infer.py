@@ -7,8 +7,15 @@
 `generate` does text-to-image, img2img (`init_image`, `strength`) and inpainting (`init_image`,
 `mask_image`); for the same seeds it gives the images diffusers' StableDiffusionPipeline,
 StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline give with one CPU generator per
-image (see `ldm.sampling`). Each saved PNG carries its prompt, seed, scheduler, steps and guidance
-in PNG text chunks, so an image says how to make it again.
+image (see `ldm.sampling`). Two deliberate differences, both in inpainting: diffusers draws the
+init image's posterior sample for every image of a batch from the first generator (here each image
+uses its own, so an image depends only on its seed), and with a 4-channel UNet it also encodes the
+masked image, which it never uses, advancing the generator; so inpainting matches diffusers for one
+image at a time, and with a 4-channel UNet only for schedulers that draw no noise while stepping
+(not ddpm, euler_a, kdpm2_a, dpm++2m_sde, or ddim with eta > 0).
+
+Each saved PNG carries its prompt, seed, scheduler, steps and guidance in PNG text chunks, so an
+image says how to make it again.
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import load_image
 from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
 
 from ldm.models.text import encode_prompts
+from ldm.models.vae import downsample_factor
 from ldm.sampling import (SCHEDULERS, Inpainting, decode_latents, denoise, encode_images, initial_noise,
                           make_scheduler, scheduler_name_of, seed_sde_noise, seeded_generators)
 
@@ -54,7 +62,7 @@ class Pipeline:
 
     @property
     def vae_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return downsample_factor(self.vae)
 
     @property
     def native_size(self) -> int:
@@ -136,7 +144,9 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtyp
     sd = _load_diffusers(path, allow_pickle)
     _set_attention(sd, attention)
     for module in (sd.unet, sd.vae, sd.text_encoder):
-        module.to(device=device, dtype=dtype).eval()
+        module.to(device=device).eval()
+        if module.dtype != dtype:  # (diffusers warns on every dtype argument to .to(), even a no-op one)
+            module.to(dtype=dtype)
     record = _ldm_record(path)
     return Pipeline(unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
                     base_scheduler_config=dict(record.get("training_scheduler") or sd.scheduler.config),
@@ -182,7 +192,7 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
              guidance_scale: float = 7.5, guidance_rescale: float = 0.0, width: int | None = None,
              height: int | None = None, batch_size: int = 4, eta: float = 0.0, init_image=None,
              strength: float | None = None, mask_image=None, keep_unmasked: bool = False,
-             trajectory_every: int = 0) -> list[dict]:
+             trajectory_every: int = 0, progress: bool = True) -> list[dict]:
     """One image per prompt, image i from seeds[i] (default 0, 1, ...), `batch_size` at a time.
 
     img2img with `init_image` (path or PIL; `strength` defaults to 0.8); inpainting with
@@ -194,6 +204,7 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     returns with output_type="np"), the settings ("prompt", "negative_prompt", "seed", "scheduler",
     "steps", "guidance_scale", "guidance_rescale", "eta", "width", "height", "mode", "strength"), and
     "trajectory": [(t, x_t PIL, predicted x0 PIL)] every `trajectory_every` steps when asked.
+    `progress` shows a bar over the batches when there are several.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
@@ -210,7 +221,8 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     settings = dict(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                     eta=eta, width=width, height=height, mode=mode, strength=strength if images is not None else None)
     results = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) == 1):
         batch = slice(start, start + batch_size)
         arrays, trajectory = _generate_batch(pipe, prompts[batch], negative_prompts[batch], seeds[batch], images,
                                              keep_unmasked, trajectory_every, settings)
@@ -238,31 +250,47 @@ def _generate_batch(pipe: Pipeline, prompts, negative_prompts, seeds, images: _I
               if s["guidance_scale"] > 1 else None)
     scheduler = make_scheduler(s["scheduler"], pipe.base_scheduler_config)
     seed_sde_noise(scheduler, seeds)
-    needs_image_latents = images is not None and not (pipe.inpainting_unet and s["strength"] == 1.0)
-    image_latents = encode_images(pipe.vae, images.image, generators).to(dtype) if needs_image_latents else None
     latent_shape = (n, pipe.vae.config.latent_channels, s["height"] // f, s["width"] // f)
-    noise = initial_noise(latent_shape, generators, device, dtype)
-    inpaint = None
-    if images is not None and images.mask is not None:
-        mask = torch.nn.functional.interpolate(images.mask, size=latent_shape[2:]).to(device, dtype).repeat(n, 1, 1, 1)
-        masked = None
-        if pipe.inpainting_unet:  # the masked region is gray (0 in [-1, 1]), as diffusers makes it
-            masked = encode_images(pipe.vae, torch.where(images.mask < 0.5, images.image, 0.5), generators).to(dtype)
-        inpaint = Inpainting(mask, masked)
-    trajectory = []
-
-    def record(i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-        if i % trajectory_every == 0:
-            trajectory.append((t, _to_pil(decode_latents(pipe.vae, x)), _to_pil(decode_latents(pipe.vae, x0))))
-
+    image_latents = _encode_init_image(pipe, images, generators, s["strength"])  # draws first,
+    noise = initial_noise(latent_shape, generators, device, dtype)                 # then the noise,
+    inpaint = _inpainting(pipe, images, generators, latent_shape)                  # then the masked image
+    snapshots = []  # (i, t, x_t, predicted x0) after every step
     latents = denoise(pipe.unet, scheduler, cond, uncond, noise, num_steps=s["steps"], guidance_scale=s["guidance_scale"],
                       guidance_rescale=s["guidance_rescale"], generator=generators, eta=s["eta"],
                       image_latents=image_latents, strength=s["strength"] or 1.0, inpaint=inpaint,
-                      callback=record if trajectory_every else None)
+                      callback=(lambda *snapshot: snapshots.append(snapshot)) if trajectory_every else None)
+    # every N steps but the last, whose x_t is the image itself
+    trajectory = [(t, _to_pil(decode_latents(pipe.vae, x)), _to_pil(decode_latents(pipe.vae, x0)))
+                  for i, t, x, x0 in snapshots[:-1] if i % trajectory_every == 0]
     out = decode_latents(pipe.vae, latents).cpu()
     if keep_unmasked and inpaint is not None:
         out = torch.where(images.mask >= 0.5, out, images.image)
     return VaeImageProcessor.pt_to_numpy(out), trajectory
+
+
+def _encode_init_image(pipe: Pipeline, images: _ImageInputs | None, generators, strength: float | None):
+    """The init image's latents, one posterior sample per image, where the sampler needs them: to
+    start img2img from, and for inpainting to blend back (4-channel UNet) or to start from (strength < 1)."""
+    if images is None or (pipe.inpainting_unet and strength == 1.0):
+        return None
+    latents = encode_images(pipe.vae, images.image, generators).to(pipe.dtype)
+    if images.mask is not None:
+        # diffusers' inpainting repeats them into a contiguous copy; left channels-last (the image
+        # processor's layout), the blended latents would be too, and the UNet would round differently
+        latents = latents.contiguous()
+    return latents
+
+
+def _inpainting(pipe: Pipeline, images: _ImageInputs | None, generators, latent_shape) -> Inpainting | None:
+    """The mask at latent size and, for a 9-channel UNet, the masked image's latents (the masked
+    region gray: 0 in [-1, 1], as diffusers makes it)."""
+    if images is None or images.mask is None:
+        return None
+    mask = torch.nn.functional.interpolate(images.mask, size=latent_shape[2:]).to(pipe.device, pipe.dtype)
+    masked = None
+    if pipe.inpainting_unet:
+        masked = encode_images(pipe.vae, torch.where(images.mask < 0.5, images.image, 0.5), generators).to(pipe.dtype)
+    return Inpainting(mask.expand(latent_shape[0], -1, -1, -1), masked)
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -416,18 +444,24 @@ def _export(model: str, out: str) -> None:
 
 
 def main(argv=None) -> None:
-    from ldm.data.images import image_grid
-
     args = build_parser().parse_args(argv)
     if args.list_schedulers:
         print(list_schedulers())
         return
     if not args.model:
         raise SystemExit("give a model: a run dir, pipeline dir, SD diffusers dir or .safetensors file")
-    if args.export_single_file:
-        _export(args.model, args.export_single_file)
-        if not (args.prompt or args.prompts):
-            return
+    try:
+        if args.export_single_file:
+            _export(args.model, args.export_single_file)
+        if args.prompt or args.prompts or not args.export_single_file:
+            _run(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:  # bad input: a message, not a traceback
+        raise SystemExit(f"error: {err}") from err
+
+
+def _run(args: argparse.Namespace) -> None:
+    from ldm.data.images import image_grid
+
     jobs = plan_images(read_prompts(args.prompt, args.prompts), args)
     pipe = load_pipeline(args.model, args.device, args.dtype, args.attention, args.allow_pickle)
     out = Path(args.out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -88,9 +89,12 @@ def load_lpips(vgg_path: str | Path) -> nn.Module:
 
     The lpips package ships its learned linear heads; only torchvision's VGG16 weights come
     from outside, so we build the backbone without weights and load them from `vgg_path`
-    (a torchvision vgg16 state dict; only its `features.*` entries are used).
+    (a torchvision vgg16 state dict, .pth or .safetensors; only its `features.*` are used).
     """
-    import lpips
+    try:
+        import lpips
+    except ImportError as err:
+        raise ImportError("the perceptual loss needs lpips: pip install lpips, or set loss.perceptual_weight=0") from err
     from safetensors.torch import load_file
 
     vgg_path = Path(vgg_path)
@@ -100,17 +104,29 @@ def load_lpips(vgg_path: str | Path) -> nn.Module:
             "set loss.lpips_vgg_path, or loss.perceptual_weight=0 to train without it"
         )
     state = load_file(vgg_path) if vgg_path.suffix == ".safetensors" else torch.load(vgg_path, map_location="cpu", weights_only=True)
-    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-    # lpips splits torchvision's vgg.features into slice1..slice5 that keep the original indices.
-    own = {name: name.split(".", 1)[1] for name in model.net.state_dict()}
-    missing = sorted(f"features.{key}" for key in own.values() if key not in features)
+    missing = [key for key in _vgg16_conv_keys() if key not in state]
     if missing:
         raise ValueError(f"{vgg_path} is not a torchvision vgg16 state dict: it lacks {missing[:4]}"
                          f"{' ...' if len(missing) > 4 else ''}; or set loss.perceptual_weight=0")
-    model.net.load_state_dict({name: features[key] for name, key in own.items()})
+    with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=False`
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    # lpips splits torchvision's vgg.features into slice1..slice5 that keep the original indices.
+    model.net.load_state_dict({name: state[f"features.{name.split('.', 1)[1]}"] for name in model.net.state_dict()})
     model.eval().requires_grad_(False)
     return model
+
+
+def _vgg16_conv_keys() -> list[str]:
+    """State-dict keys of the 13 convolutions of torchvision's vgg16.features (all LPIPS uses)."""
+    from torchvision.models.vgg import cfgs
+
+    keys, index = [], 0
+    for layer in cfgs["D"]:  # "M" is a max-pool; a number is a conv followed by a ReLU
+        if layer != "M":
+            keys += [f"features.{index}.weight", f"features.{index}.bias"]
+        index += 1 if layer == "M" else 2
+    return keys
 
 
 class _frozen:

@@ -32,6 +32,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
+from ldm.models.vae import latent_scale
+
 # name -> (scheduler class, the sampler settings the name fixes, one-line description)
 SCHEDULERS: dict[str, tuple[type, dict, str]] = {
     "ddpm": (DDPMScheduler, {}, "ancestral DDPM (Ho et al. 2020)"),
@@ -125,21 +127,23 @@ def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator], dev
     return randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype)
 
 
+@torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [0, 1] (undoing the stored scale and shift)."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    z = latents / vae.config.scaling_factor + shift
+    scale, shift = latent_scale(vae)
+    z = latents / scale + shift
     images = vae.decode(z.to(vae.dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+@torch.no_grad()
 def encode_images(vae, images: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """Images in [0, 1] -> scaled latents: a posterior sample, drawn as diffusers' img2img draws it.
 
     With a list of generators, sample i comes from generators[i]; one image with several
     generators is encoded once and sampled once per generator.
     """
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scale, shift = latent_scale(vae)
     x = (images * 2 - 1).to(device=vae.device, dtype=vae.dtype)
     posterior = vae.encode(x).latent_dist
     if isinstance(generator, list) and len(generator) != x.shape[0]:
@@ -147,7 +151,7 @@ def encode_images(vae, images: torch.Tensor, generator: torch.Generator | list[t
             raise ValueError(f"{len(generator)} generators for {x.shape[0]} images")
         posterior = DiagonalGaussianDistribution(posterior.parameters.expand(len(generator), -1, -1, -1))
     z = posterior.sample(generator=generator)
-    return (z - shift) * vae.config.scaling_factor
+    return (z - shift) * scale
 
 
 @dataclasses.dataclass
@@ -191,6 +195,23 @@ def _step_kwargs(scheduler, generator, eta: float) -> dict:
     return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
 
 
+def _start(scheduler, noise: torch.Tensor, num_steps: int, strength: float, image_latents: torch.Tensor | None,
+           from_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps to run, x at the first of them).
+
+    StableDiffusionPipeline lets the scheduler find its first step index; the image pipelines pin
+    it (kept_timesteps). They differ where a timestep repeats, and each is followed here.
+    """
+    if from_image:
+        timesteps = kept_timesteps(scheduler, num_steps, strength, noise.device)
+    else:
+        scheduler.set_timesteps(num_steps, device=noise.device)
+        timesteps = scheduler.timesteps
+    if strength < 1.0:
+        return timesteps, scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(noise.shape[0]))
+    return timesteps, noise * scheduler.init_noise_sigma
+
+
 @torch.no_grad()
 def denoise(
     unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor, *,
@@ -206,31 +227,23 @@ def denoise(
     the negative-prompt embeddings (guidance is on when given and guidance_scale > 1).
     `callback(i, t, x after the step, predicted x0 at t)` sees every step.
     """
-    if image_latents is None and strength < 1.0:
-        raise ValueError(f"strength {strength} < 1 starts from an image: pass image_latents")
-    if image_latents is None and inpaint is None:
-        # text-to-image: StableDiffusionPipeline lets the scheduler find its first step index;
-        # the image pipelines pin it (kept_timesteps). They differ where a timestep repeats.
-        scheduler.set_timesteps(num_steps, device=noise.device)
-        timesteps = scheduler.timesteps
-    else:
-        timesteps = kept_timesteps(scheduler, num_steps, strength, noise.device)
-    if strength < 1.0:
-        x = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(noise.shape[0]))
-    else:
-        x = noise * scheduler.init_noise_sigma
     blend = inpaint is not None and inpaint.masked_image_latents is None
-    if blend and image_latents is None:
-        raise ValueError("inpainting with a 4-channel UNet blends the known region back in: pass image_latents")
+    if image_latents is None and (strength < 1.0 or blend):
+        raise ValueError("pass image_latents: img2img (strength < 1) starts from the image, and inpainting "
+                         "with a 4-channel UNet blends it back in")
+    from_image = image_latents is not None or inpaint is not None
+    timesteps, x = _start(scheduler, noise, num_steps, strength, image_latents, from_image)
     guided = uncond is not None and guidance_scale > 1.0
     embeddings = torch.cat([uncond, cond]) if guided else cond
+    inpaint_channels = []  # what a 9-channel UNet sees beside the latents: the mask and the masked image
+    if inpaint is not None and not blend:
+        inpaint_channels = [torch.cat([c] * 2) if guided else c for c in (inpaint.mask, inpaint.masked_image_latents)]
     extra = _step_kwargs(scheduler, generator, eta)
     for i, t in enumerate(timesteps):
         model_in = scheduler.scale_model_input(torch.cat([x] * 2) if guided else x, t)
         scaled = model_in[-x.shape[0]:]
-        if inpaint is not None and inpaint.masked_image_latents is not None:
-            extra_channels = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)
-            model_in = torch.cat([model_in, torch.cat([extra_channels] * 2) if guided else extra_channels], dim=1)
+        if inpaint_channels:
+            model_in = torch.cat([model_in, *inpaint_channels], dim=1)
         pred = unet(model_in, t, encoder_hidden_states=embeddings, return_dict=False)[0]
         if guided:
             pred_uncond, pred_text = pred.chunk(2)

@@ -281,13 +281,20 @@ def metric_panels(records: list[dict], keys: list[str] | None = None) -> dict[st
     """Panel title -> keys drawn in it: every key holding "loss" shares one panel so train and
     validation losses read against each other; every other key gets its own. The run's
     one-off `final/*` summary values are left out unless asked for."""
+    logged = numeric_keys(records)
     if keys is None:
-        seen = dict.fromkeys(k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        keys = [k for k in seen if k not in METRICS_IGNORED and not k.startswith("final/")]
+        keys = [k for k in logged if k not in METRICS_IGNORED and not k.startswith("final/")]
+    else:
+        keys = [k for k in keys if k in logged]
     panels: dict[str, list[str]] = {}
     for key in keys:
         panels.setdefault("loss" if "loss" in key else key, []).append(key)
     return panels
+
+
+def numeric_keys(records: list[dict]) -> list[str]:
+    """Keys with a number on some line, in first-seen order."""
+    return list(dict.fromkeys(k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)))
 
 
 def smooth(values: np.ndarray, weight: float) -> np.ndarray:
@@ -306,6 +313,11 @@ def curves_figure(runs: dict[str, list[dict]], keys: list[str] | None = None, sm
     Train-time series are drawn faint as logged and solid smoothed; sparse series (evaluations)
     as markers. Positive losses use a log axis, where their late, slow decrease is visible.
     """
+    if keys is not None:
+        missing = [k for k in keys if not any(k in numeric_keys(records) for records in runs.values())]
+        if missing:
+            available = list(dict.fromkeys(k for records in runs.values() for k in numeric_keys(records)))
+            raise ValueError(f"no run logs {missing}; the runs log {available}")
     panels: dict[str, list[str]] = {}
     for records in runs.values():
         for title, panel_keys in metric_panels(records, keys).items():

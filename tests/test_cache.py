@@ -24,7 +24,7 @@ from safetensors import safe_open
 from ldm.config import load_config
 from ldm.data.cache import (CacheMismatchError, EncodeConfig, encode_dataset, open_cache, read_manifest,
                             text_identity)
-from ldm.data.transforms import TransformConfig, prepare_image
+from ldm.data.transforms import prepare_image
 from ldm.models.conditioning import TextEncoderConfig, load_text
 from ldm.models.presets import vae_config
 from ldm.models.text import encode_prompts
@@ -169,9 +169,15 @@ def test_encode_refuses_to_mix_settings_unless_overwrite(vae_dir, reference, tmp
     assert cache.manifest["transform"]["resolution"] == 16 and list(cache.size_groups()) == ["4x4"]
 
 
+def test_a_bf16_encode_is_accepted_for_the_fp32_vae_it_came_from(vae_dir, tmp_path):
+    out = encode_dataset(encode_cfg(vae_dir, tmp_path / "latents", *SHAPES, "data.source.size=8", "dtype=bf16"))
+    cache = open_cache(out, expect={"vae_hash": weights_hash(load_vae(vae_dir))})  # what stage 3 checks
+    assert cache.manifest["encode_dtype"] == "bf16" and len(cache) == 8
+
+
 def test_encode_refuses_a_changed_source_folder(vae_dir, tmp_path):
     root = write_folder(tmp_path / "images", [(32, 32)] * 3)
-    settings = [f"data.source.kind=imagefolder", f"data.source.path={root}", "data.transform.resolution=32",
+    settings = ["data.source.kind=imagefolder", f"data.source.path={root}", "data.transform.resolution=32",
                 "data.eval_size=0"]
     out = encode_dataset(encode_cfg(vae_dir, tmp_path / "latents", *settings))
     Image.new("RGB", (32, 32)).save(root / "added.png")

@@ -104,6 +104,11 @@ def vgg_file(vgg_state, tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def loss_with_lpips(vgg_file) -> VAELoss:
+    return small_loss(perceptual_weight=0.5, lpips_vgg_path=vgg_file, kl_weight=0.0)
+
+
 def _assert_backbone_equals(model, vgg_state):
     own = model.net.state_dict()
     assert len(own) == 26  # 13 convolutions, weight and bias
@@ -111,8 +116,8 @@ def _assert_backbone_equals(model, vgg_state):
         torch.testing.assert_close(value, vgg_state[f"features.{name.split('.', 1)[1]}"], rtol=0, atol=0)
 
 
-def test_load_lpips_loads_the_vgg_backbone_from_safetensors(vgg_file, vgg_state):
-    model = load_lpips(vgg_file)
+def test_load_lpips_loads_the_vgg_backbone_from_safetensors(loss_with_lpips, vgg_state):
+    model = loss_with_lpips.perceptual  # VAELoss built it with load_lpips(loss.lpips_vgg_path)
     _assert_backbone_equals(model, vgg_state)
     assert not any(p.requires_grad for p in model.parameters())  # a frozen critic
 
@@ -140,9 +145,8 @@ def test_load_lpips_rejects_a_state_dict_without_vgg_features(tmp_path):
         load_lpips(path)
 
 
-def test_perceptual_gradient_reaches_the_decoder(vae, x, vgg_file):
-    weight = 0.5
-    with_lpips = small_loss(perceptual_weight=weight, lpips_vgg_path=vgg_file, kl_weight=0.0)
+def test_perceptual_gradient_reaches_the_decoder(vae, x, loss_with_lpips):
+    weight, with_lpips = 0.5, loss_with_lpips
     without = small_loss(kl_weight=0.0)
     posterior, recon = forward(vae, with_lpips, x)
     last_layer = vae.decoder.conv_out.weight
@@ -154,7 +158,8 @@ def test_perceptual_gradient_reaches_the_decoder(vae, x, vgg_file):
     torch.testing.assert_close(loss_p - loss_0, extra)
     grad_extra = grad_of(loss_p, last_layer) - grad_of(loss_0, last_layer)
     assert grad_extra.abs().sum() > 0, "the perceptual term sends no gradient to the decoder"
-    torch.testing.assert_close(grad_extra, grad_of(extra, last_layer), rtol=1e-4, atol=1e-6)
+    expected = grad_of(extra, last_layer)  # (a difference of two gradients: float32 cancellation)
+    torch.testing.assert_close(grad_extra, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- GAN
@@ -185,7 +190,8 @@ def test_generator_adversarial_loss_rewards_fooling_the_discriminator(vae, x, ki
     logits = loss_fn.discriminator(recon)
     g_loss = -logits.mean() if kind == "hinge" else F.softplus(-logits).mean()
     assert logs["g_loss"] == pytest.approx(g_loss.item(), rel=1e-5)
-    torch.testing.assert_close(loss - loss_fn.nll(loss_fn.pixel_loss(x, recon)), g_loss)
+    nll = loss_fn.nll(loss_fn.pixel_loss(x, recon))  # ~1e3: compare the difference at its scale
+    torch.testing.assert_close(loss - nll, g_loss, rtol=0, atol=1e-6 * nll.item())
     # a step of the reconstruction against the loss's gradient raises the discriminator's score
     step = -1e-2 * torch.autograd.grad(loss, recon)[0].sign()
     assert loss_fn.discriminator(recon + step).mean() > logits.mean()
@@ -205,7 +211,8 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_last_layer(vae, x):
     kl_part = loss_fn.cfg.kl_weight * posterior.kl().sum() / x.shape[0]
     torch.testing.assert_close(loss, nll + kl_part + logs["d_weight"] * g_loss)
     # the weight is a constant to the optimiser: the total gradient has no d(weight)/d(theta) term
-    expected = nll_grad + grad_of(kl_part, last_layer) + logs["d_weight"] * g_grad
+    # (and the KL does not depend on the decoder)
+    expected = nll_grad + logs["d_weight"] * g_grad
     torch.testing.assert_close(grad_of(loss, last_layer), expected, rtol=1e-4, atol=1e-6)
 
 

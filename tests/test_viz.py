@@ -185,8 +185,8 @@ def test_curves_figure_overlays_runs_and_ignores_nan(tmp_path):
         assert np.all(np.isfinite(line.get_ydata()))
     labels = [t.get_text() for t in loss_ax.get_legend().get_texts()]
     assert labels == ["a: loss", "a: val_loss", "b: loss", "b: val_loss"]
-    with pytest.raises(ValueError, match="no numeric metrics"):
-        curves_figure(runs, keys=["nope"])
+    with pytest.raises(ValueError, match=r"no run logs \['nope'\]; the runs log \['step', 'time', 'loss'"):
+        curves_figure(runs, keys=["loss", "nope"])
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -209,7 +209,9 @@ def encode_dataset(cfg: EncodeConfig, accelerator=None) -> Path:
 
 
 def _for_encoding(vae, device: torch.device, dtype: torch.dtype):
-    vae = vae.to(device=device, dtype=dtype)
+    vae = vae.to(device)
+    if dtype != vae.dtype:
+        vae = vae.to(dtype=dtype)
     if device.type == "cuda":  # cuDNN's convolutions are faster in NHWC, above all in bf16
         vae = vae.to(memory_format=torch.channels_last)
     return vae

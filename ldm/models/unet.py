@@ -21,6 +21,7 @@ class UNetModelConfig:
     down_block_types: list[str] | None = None
     up_block_types: list[str] | None = None
     transformer_layers_per_block: int | None = None
+    norm_num_groups: int | None = None           # GroupNorm groups; must divide every width
 
     def validate(self) -> None:
         require(self.pretrained != "" or self.preset in UNET_PRESETS,

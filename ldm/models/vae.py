@@ -79,7 +79,11 @@ def latent_scale(vae: AutoencoderKL) -> tuple[float, float]:
 
 @torch.no_grad()
 def measure_latent_scale(vae: AutoencoderKL, batches: Iterable[torch.Tensor], use_shift: bool = False) -> tuple[float, float]:
-    """Scale (and shift) that bring posterior samples of these images to unit variance (and zero mean)."""
+    """Scale (and shift) that bring posterior samples of these images to unit variance (and zero mean).
+
+    The scale is 1/std about the mean, as SD's 0.18215 was measured, so scaled latents have unit
+    standard deviation with or without the shift; the shift, when used, also centres them.
+    """
     total, total_sq, count = 0.0, 0.0, 0
     device = next(vae.parameters()).device
     for x in batches:
@@ -88,8 +92,8 @@ def measure_latent_scale(vae: AutoencoderKL, batches: Iterable[torch.Tensor], us
         total_sq += (z * z).sum().item()
         count += z.numel()
     mean = total / count
+    var = total_sq / count - mean * mean
     shift = mean if use_shift else 0.0
-    var = total_sq / count - 2 * shift * mean + shift * shift  # E[(z - shift)^2]
     return float(1.0 / var**0.5), float(shift)
 
 

@@ -40,7 +40,7 @@ from ldm.config import config_json, require
 from ldm.data.captions import process_caption
 from ldm.data.images import DataConfig, ImageStore, load_images
 from ldm.models.text import EOS_TOKEN, build_tokenizer, load_text_encoder, openclip_to_clip_text_model
-from ldm.train.common import (LoopConfig, NonFiniteGuard, batch_indices, load_checkpoint, lr_lambda,
+from ldm.train.common import (register_schedule, LoopConfig, NonFiniteGuard, batch_indices, load_checkpoint, lr_lambda,
                               make_accelerator, make_optimizer, resolve_resume, save_checkpoint, start_run)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP paper sec. 2.5: the temperature is clipped so logits scale by <= 100
@@ -136,7 +136,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
                        world_size=accelerator.num_processes)
     optimizer = make_optimizer(model.parameters(), loop)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(loop))
-    model, optimizer, sched = accelerator.prepare(model, optimizer, sched)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    register_schedule(accelerator, sched)
     clip = accelerator.unwrap_model(model)
 
     step = 0

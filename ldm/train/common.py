@@ -131,6 +131,13 @@ def lr_lambda(loop: LoopConfig):
     return factor
 
 
+def register_schedule(accelerator: Accelerator, scheduler) -> None:
+    """Checkpoint the LR schedule without `prepare()`: accelerate's wrapper steps it once per
+    process on every call, which would run warm-up and decay N times too fast on N GPUs.
+    Our schedules count optimiser steps, which every process takes together."""
+    accelerator.register_for_checkpointing(scheduler)
+
+
 def make_optimizer(params, loop: LoopConfig, lr: float | None = None, use_8bit: bool = False) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA), or bitsandbytes' 8-bit AdamW where installed and asked for."""
     kwargs = dict(lr=lr or loop.lr, betas=(loop.adam_beta1, loop.adam_beta2), weight_decay=loop.weight_decay)

@@ -19,7 +19,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ldm.config import require, to_dict
-from ldm.data.cache import LatentCache, open_cache
+from ldm.data.cache import LatentCache, open_cache, text_identity
 from ldm.data.captions import CaptionConfig, process_caption
 from ldm.data.images import image_grid
 from ldm.diffusion import NoiseConfig, make_train_scheduler, noised_inputs, scheduler_config
@@ -29,7 +29,7 @@ from ldm.models.unet import UNetModelConfig, build_unet
 from ldm.models.vae import load_vae, weights_hash
 from ldm.sampling import decode_latents, denoise, initial_noise, make_scheduler, seeded_generators
 from ldm.models.text import encode_prompts
-from ldm.train.common import (LoopConfig, NonFiniteGuard, batch_indices, load_checkpoint, lr_lambda, make_accelerator,
+from ldm.train.common import (register_schedule, LoopConfig, NonFiniteGuard, batch_indices, load_checkpoint, lr_lambda, make_accelerator,
                               make_optimizer, resolve_resume, save_checkpoint, start_run)
 from ldm.train.vae import swapped_ema
 
@@ -93,12 +93,14 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     noise_scheduler = make_train_scheduler(cfg.noise)
     optimizer = make_optimizer(unet.parameters(), loop, use_8bit=cfg.use_8bit_adam)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(loop))
-    unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    register_schedule(accelerator, lr_sched)
     ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=loop.ema_decay, use_ema_warmup=loop.ema_warmup) if loop.ema_decay else None
     if ema is not None:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
     empty = encode_prompts(text_encoder, tokenizer, [""], clip_skip=cfg.text.clip_skip)
+    use_cached_text = cache.text_matches(text_identity(text_encoder, tokenizer, cfg.text.clip_skip))
 
     step = 0
     resume_from = resolve_resume(out_dir, cfg.resume)
@@ -116,7 +118,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
             # every random draw of this micro-batch comes from a generator fixed by (seed, step, rank)
             gen = torch.Generator().manual_seed(hash((loop.seed, step, len(indices), rank)) % 2**63)
             latents = cache.latents(indices, generator=gen, mode=cfg.latent_sample == "mode").to(device)
-            cond = conditioning(cfg, cache, indices, text_encoder, tokenizer, empty, gen)
+            cond = conditioning(cfg, cache, indices, text_encoder, tokenizer, empty, gen, use_cached_text)
             noisy, t, target, weights = noised_inputs(noise_scheduler, cfg.noise, latents, gen)
             with accelerator.accumulate(unet):
                 pred = unet(noisy, t.to(device), encoder_hidden_states=cond, return_dict=False)[0]
@@ -156,7 +158,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
 
 
 def conditioning(cfg: LDMTrainConfig, cache: LatentCache, indices: list[int], text_encoder, tokenizer,
-                 empty: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+                 empty: torch.Tensor, gen: torch.Generator, use_cached_text: bool = False) -> torch.Tensor:
     """Text embeddings for a batch, with classifier-free caption dropout.
 
     important: caption dropout happens here, not in the dataset, so it works the same with
@@ -167,8 +169,11 @@ def conditioning(cfg: LDMTrainConfig, cache: LatentCache, indices: list[int], te
 
     rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
     prompts = [process_caption(cache.captions[i], cfg.captions, rng) for i in indices]
-    with torch.no_grad():
-        cond = encode_prompts(text_encoder, tokenizer, prompts, clip_skip=cfg.text.clip_skip)
+    cond = cache.text_embeddings(prompts) if use_cached_text else None  # None when a prompt was altered
+    if cond is None:
+        with torch.no_grad():
+            cond = encode_prompts(text_encoder, tokenizer, prompts, clip_skip=cfg.text.clip_skip)
+    cond = cond.to(device=empty.device, dtype=empty.dtype)
     drop = torch.rand(len(indices), generator=gen) < cfg.caption_dropout
     return torch.where(drop[:, None, None].to(cond.device), empty.expand_as(cond), cond)
 

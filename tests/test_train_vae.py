@@ -1,0 +1,218 @@
+"""Stage 1 through the real `train_vae` loop: tiny VAE, 16 px shapes, a few steps, on CPU.
+
+One run (3 optimiser steps of 2 accumulated micro-batches, EMA, the discriminator from the
+second step, a pluggable rFID network) is inspected from every side: what it exported, what
+its optimisers did step by step, its checkpoints, and a resume by re-running it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+import ldm.train.vae as train_vae_module
+from ldm.config import ConfigError, load_config
+from ldm.data.images import load_images
+from ldm.models.presets import vae_config
+from ldm.models.vae import measure_latent_scale
+from ldm.train.vae import VAETrainConfig, train_vae
+
+BASE = ["data.source.kind=shapes", "data.source.size=32", "data.source.resolution=16", "data.transform.resolution=16",
+        "data.eval_size=8", "model.preset=tiny-f4", "train.batch_size=4", "train.lr=1e-3", "train.warmup_steps=0",
+        "train.log_every=1", "loss.disc_channels=8", "loss.disc_layers=2", "scale_images=32"]
+RUN = ["train.steps=3", "train.grad_accum=2", "train.ema_decay=0.9", "train.eval_every=2", "train.save_every=2",
+       "loss.disc_start=1"]
+
+
+def vae_cfg(out_dir, *overrides) -> VAETrainConfig:
+    return load_config(VAETrainConfig, None, [f"out_dir={out_dir}", *BASE, *overrides])
+
+
+class StepSpy:
+    """Builds the optimisers for train_vae and records, at every step(), whose parameters changed."""
+
+    def __init__(self, make_optimizer):
+        self.make_optimizer = make_optimizer
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.steps: list[tuple[int, set[int]]] = []  # (optimiser that stepped, optimisers whose params changed)
+
+    def __call__(self, params, loop, **kwargs):
+        opt = self.make_optimizer(params, loop, **kwargs)
+        index = len(self.optimizers)
+        self.optimizers.append(opt)
+        inner = opt.step
+
+        def step(_opt, *args, **kw):
+            before = [[p.detach().clone() for p in self._params(o)] for o in self.optimizers]
+            result = inner(*args, **kw)
+            changed = {i for i, o in enumerate(self.optimizers)
+                       if any(not torch.equal(b, p) for b, p in zip(before[i], self._params(o)))}
+            self.steps.append((index, changed))
+            return result
+
+        opt.step = types.MethodType(step, opt)  # a bound method, as torch's LR scheduler expects
+        return opt
+
+    @staticmethod
+    def _params(opt):
+        return [p for group in opt.param_groups for p in group["params"]]
+
+
+def rfid_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    cfg = vae_cfg(out, *RUN)
+    with pytest.MonkeyPatch.context() as mp:
+        spy = StepSpy(train_vae_module.make_optimizer)
+        mp.setattr(train_vae_module, "make_optimizer", spy)
+        vae_dir = train_vae(cfg, features=rfid_net())
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"out": out, "cfg": cfg, "vae_dir": vae_dir, "spy": spy, "lines": lines}
+
+
+def adam_steps(path) -> int:
+    """The step count AdamW keeps per parameter, from an accelerate optimizer state file."""
+    state = torch.load(path, weights_only=True)["state"]
+    counts = {int(s["step"]) for s in state.values()}
+    assert len(counts) == 1
+    return counts.pop()
+
+
+# ----------------------------------------------------------------------------- what it exports
+
+
+def test_latent_scale_is_measured_on_training_latents(run):
+    config = json.loads((run["vae_dir"] / "config.json").read_text())
+    assert config["scaling_factor"] != pytest.approx(0.18215)
+    vae = AutoencoderKL.from_pretrained(run["vae_dir"]).eval()
+    train = load_images(run["cfg"].data, "train", desc="")
+    torch.manual_seed(123)  # other posterior samples than the run drew: agreement within sampling noise
+    with torch.no_grad():
+        z = vae.encode(train.batch(list(range(len(train))))).latent_dist.sample()
+    # the scale is 1/std of z (about its mean), as SD measured its 0.18215
+    assert config["scaling_factor"] == pytest.approx(1 / z.std().item(), rel=0.05)
+    assert config["shift_factor"] is None
+    results = json.loads((run["out"] / "eval.json").read_text())
+    assert results["scaling_factor"] == config["scaling_factor"]
+    assert results["latent_std"] == pytest.approx(1.0, abs=0.15)  # held-out latents after scaling
+
+
+def test_eval_metrics_grids_and_checkpoints_are_written(run):
+    out = run["out"]
+    results = json.loads((out / "eval.json").read_text())
+    assert {"psnr", "ssim", "latent_std", "rfid", "rkid"} <= set(results)  # rFID from the network passed in
+    assert results["psnr"] > 0 and -1 <= results["ssim"] <= 1
+    for grid in ("recon-000002.png", "recon-final.png"):  # eval_every=2, and the final one
+        with Image.open(out / grid) as image:
+            assert image.width > 8 * 16 and image.height >= 2 * 16  # 8 (real, recon) pairs per row
+    assert any("eval/psnr" in line and line["step"] == 2 for line in run["lines"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    assert json.loads((out / "checkpoints" / "step-3" / "ldm_state.json").read_text())["step"] == 3
+
+
+# ----------------------------------------------------------------------------- the two optimisers
+
+
+def test_each_optimiser_step_changes_only_its_own_model(run):
+    """opt_ae (autoencoder + logvar) and opt_d (discriminator), spied on inside train_vae."""
+    steps = run["spy"].steps
+    assert [index for index, _ in steps].count(0) == 3  # one AE step per optimiser step
+    assert [index for index, _ in steps].count(1) == 2  # the discriminator from step 1 (disc_start=1) on
+    for index, changed in steps:
+        assert changed == {index}, f"a step of optimiser {index} changed the parameters of {changed}"
+
+
+def test_gradient_accumulation_steps_once_per_accumulated_batch(run):
+    ckpt = run["out"] / "checkpoints" / "step-3"
+    # 3 optimiser steps of 2 micro-batches each: AdamW counted 3 (AE) and 2 (discriminator) steps
+    assert adam_steps(ckpt / "optimizer.bin") == 3
+    assert adam_steps(ckpt / "optimizer_1.bin") == 2
+
+
+def test_learned_logvar_is_updated_by_the_loop(run):
+    raw = load_file(run["out"] / "checkpoints" / "step-3" / "model.safetensors")
+    assert raw["logvar"].item() != 0.0  # logvar_init
+    logged = [line["logvar"] for line in run["lines"] if "logvar" in line]
+    assert logged[0] == 0.0 and len(set(logged)) == len(logged)  # moves every step
+
+
+def test_discriminator_and_adaptive_weight_run_from_disc_start(run):
+    train_lines = [line for line in run["lines"] if "rec" in line]
+    assert [line["step"] for line in train_lines] == [1, 2, 3]
+    assert "d_loss" not in train_lines[0] and "d_weight" not in train_lines[0]
+    for line in train_lines[1:]:
+        assert line["d_weight"] > 0 and 0 < line["d_loss"] < 2 and "g_loss" in line
+
+
+def test_export_holds_the_ema_weights(run):
+    ckpt = run["out"] / "checkpoints" / "step-3"
+    ema = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)
+    exported = AutoencoderKL.from_pretrained(run["vae_dir"])
+    raw = load_file(ckpt / "model.safetensors")
+    names = [name for name, _ in exported.named_parameters()]
+    assert len(names) == len(ema["shadow_params"])
+    for (name, param), shadow in zip(exported.named_parameters(), ema["shadow_params"]):
+        assert torch.equal(param.data, shadow), name
+    assert any(not torch.equal(raw[f"vae.{name}"], param.data) for name, param in exported.named_parameters())
+
+
+def test_rerunning_the_command_resumes_from_the_last_checkpoint(run, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(run["out"], out)
+    n_lines = len(run["lines"])
+    train_vae(vae_cfg(out, *RUN[1:], "train.steps=4"), features=rfid_net())
+    new = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][n_lines:]
+    assert [line["step"] for line in new if "rec" in line] == [4]  # not 1, 2, 3 again
+    assert adam_steps(out / "checkpoints" / "step-4" / "optimizer.bin") == 4
+
+
+# ----------------------------------------------------------------------------- fine-tuning, scale, config
+
+
+def test_finetunes_a_kl_f8_layout_vae_from_a_diffusers_directory(tmp_path):
+    torch.manual_seed(0)
+    source = AutoencoderKL(**vae_config("kl-f8", block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=32))
+    source.save_pretrained(tmp_path / "sd-vae")
+    cfg = vae_cfg(tmp_path / "ft", f"model.pretrained={tmp_path / 'sd-vae'}", "train.steps=2",
+                  "data.source.resolution=32", "data.transform.resolution=32")
+    tuned = AutoencoderKL.from_pretrained(train_vae(cfg))
+    assert tuned.config.layers_per_block == 2 and list(tuned.config.block_out_channels) == [8, 16, 16, 16]
+    assert tuned.config.scaling_factor != pytest.approx(0.18215)  # measured, not the SD value it came with
+    before = dict(source.named_parameters())
+    assert any(not torch.equal(p.data, before[name].data) for name, p in tuned.named_parameters())
+    assert {"psnr", "ssim", "latent_std"} <= set(json.loads((tmp_path / "ft" / "eval.json").read_text()))
+
+
+@pytest.mark.parametrize("use_shift", [False, True])
+def test_measure_latent_scale_is_one_over_the_latent_spread(use_shift):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**vae_config("tiny-f4", sample_size=16)).eval()
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    scale, shift = measure_latent_scale(vae, [images[:4], images[4:]], use_shift=use_shift)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[:4]).latent_dist.sample(), vae.encode(images[4:]).latent_dist.sample()]).double()
+    assert scale == pytest.approx(1 / z.std(correction=0).item())
+    assert shift == (pytest.approx(z.mean().item()) if use_shift else 0.0)
+
+
+def test_config_errors_name_the_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights in the hub cache
+    with pytest.raises(ConfigError, match="fid_weights"):
+        vae_cfg(tmp_path, "fid=true")
+    with pytest.raises(ConfigError, match="model.norm_num_groups=8 must divide"):
+        vae_cfg(tmp_path, "model.block_out_channels=[12, 16]", "model.norm_num_groups=8")

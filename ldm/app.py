@@ -110,6 +110,8 @@ class Demo:
         steps, width, height, num_images, seed = (int(v) for v in (steps, width, height, num_images, seed))
         check_generation(self.limits, self.multiple, self.schedulers, steps=steps, width=width, height=height, num_images=num_images,
                          guidance_scale=float(guidance_scale), scheduler=scheduler)
+        if not 0 <= seed < 2**63 - num_images:   # torch generators take 64-bit seeds
+            raise RequestError(f"seed must be between 0 and 2**63 - {num_images + 1}, got {seed}")
         start = time.perf_counter()
         results = [reverse_process(self.pipe, prompt, seed=seed + i, steps=steps, frames=TRAJECTORY_FRAMES,
                                    negative_prompts=[negative_prompt], scheduler=scheduler,

@@ -7,6 +7,7 @@ scripts from pyproject.toml both land here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import yaml
@@ -14,18 +15,26 @@ import yaml
 from ldm.config import ConfigError, load_config, to_dict
 
 
-def _stage_parser(description: str) -> argparse.ArgumentParser:
+def _stage_parser(description: str, resumable: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 out_dir=runs/x")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    if resumable:
+        parser.add_argument("--resume", metavar="latest|PATH|''",
+                            help="same as the override resume=...: 'latest' (the default) continues from the newest "
+                                 "checkpoint in out_dir, a path from that checkpoint, '' starts afresh")
     return parser
 
 
 def _load(cls, description: str, argv):
-    args = _stage_parser(description).parse_args(argv)
+    resumable = any(f.name == "resume" for f in dataclasses.fields(cls))
+    args = _stage_parser(description, resumable).parse_args(argv)
+    overrides = list(args.overrides)
+    if getattr(args, "resume", None) is not None:
+        overrides.append(f"resume={args.resume}")
     try:
-        cfg = load_config(cls, args.config, args.overrides)
+        cfg = load_config(cls, args.config, overrides)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     if args.dry_run:

@@ -250,6 +250,10 @@ def denoise(
             pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
             if guidance_rescale > 0:  # Lin et al. 2024, sec. 3.4
                 pred = rescale_noise_cfg(pred, pred_text, guidance_rescale=guidance_rescale)
+        else:
+            # important: a U-Net compiled with CUDA graphs (ldm.fast, mode reduce-overhead) returns a
+            # buffer that its next call overwrites, and schedulers keep past outputs (PNDM, multistep)
+            pred = pred.clone()
         x0 = predicted_x0(scheduler, scaled, pred, t) if callback is not None else None
         x = scheduler.step(pred, t, x, **extra, return_dict=False)[0]
         if blend:

@@ -339,7 +339,9 @@ def curves_figure(runs: dict[str, list[dict]], keys: list[str] | None = None, sm
                 if not len(steps):
                     continue
                 positive &= bool(np.all(values[np.isfinite(values)] > 0))
-                _draw_series(ax, steps, values, smoothing, color=f"C{r * len(panel_keys) + k}",
+                # a learning rate is a schedule, not a noisy measurement: smoothing would only make it lag
+                weight = 0.0 if key.startswith("lr") else smoothing
+                _draw_series(ax, steps, values, weight, color=f"C{r * len(panel_keys) + k}",
                              label=key if len(runs) == 1 else f"{run}: {key}")
         if title == "loss" and positive:
             ax.set_yscale("log")

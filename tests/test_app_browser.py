@@ -85,6 +85,8 @@ def test_demo_enforces_limits_and_sizes(tiny_pipeline_dir):
     assert demo.default_size == 16                      # native 32 px, capped by --max-size
     with pytest.raises(RequestError, match="--max-steps"):
         demo.generate("a red circle", "", "ddim", 5, 3.0, 0, 16, 16, 1)
+    with pytest.raises(RequestError, match="seed must be between"):
+        demo.generate("a red circle", "", "ddim", 4, 3.0, -1, 16, 16, 1)
     gallery, strip, summary = demo.generate("a red circle", "", "ddim", 4, 3.0, 0, 16, 16, 1)
     assert gallery[0][0].size == (16, 16) and gallery[0][1] == "seed 0"
     assert strip.width > strip.height > 0 and summary.startswith("1 image(s), 16x16, ddim, 4 steps")

@@ -183,6 +183,9 @@ def test_curves_figure_overlays_runs_and_ignores_nan(tmp_path):
     assert loss_ax.get_yscale() == "log"
     for line in loss_ax.get_lines():
         assert np.all(np.isfinite(line.get_ydata()))
+    assert len(loss_ax.get_lines()) == 2 * 2 + 2          # per run: raw + smoothed loss, val_loss as markers
+    lr_lines = visible[1].get_lines()
+    assert len(lr_lines) == 2 and all(np.all(line.get_ydata() == 1e-3) for line in lr_lines)   # never smoothed
     labels = [t.get_text() for t in loss_ax.get_legend().get_texts()]
     assert labels == ["a: loss", "a: val_loss", "b: loss", "b: val_loss"]
     with pytest.raises(ValueError, match=r"no run logs \['nope'\]; the runs log \['step', 'time', 'loss'"):

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from safetensors import safe_open
 from safetensors.torch import save
 
@@ -458,8 +459,8 @@ class LatentCache:
         """Items by latent size "HxW": a batch must come from one group."""
         return {key: g["items"].tolist() for key, g in self.groups.items()}
 
-    def latents(self, indices: list[int], generator: torch.Generator | None = None, mode: bool = False,
-                flip: torch.Tensor | None = None) -> torch.Tensor:
+    def latents(self, indices: list[int], generator: torch.Generator | list[torch.Generator] | None = None,
+                mode: bool = False, flip: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled latents for items of one size: a fresh posterior sample (or, with `mode`, the mean).
 
         `flip` (bool per item) takes the mirrored image's posterior for the items it marks.
@@ -476,7 +477,7 @@ class LatentCache:
                                  "transform.flip=false; re-encode with flip=true, or do not flip")
             mean = torch.where(flip[:, None, None, None], g["flip_mean"][rows].float(), mean)
             std = torch.where(flip[:, None, None, None], g["flip_std"][rows].float(), std)
-        z = mean if mode else mean + std * torch.randn(mean.shape, generator=generator)
+        z = mean if mode else mean + std * randn_tensor(mean.shape, generator=generator)  # a list: item i from generator i
         scale, shift = self.scaling
         return (z - shift) * scale
 

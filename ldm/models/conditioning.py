@@ -18,9 +18,11 @@ class TextEncoderConfig:
     clip_skip: int = 0             # 0: last layer; k: k layers before the last (+ final LayerNorm)
     seed: int = 0                  # init seed of a preset encoder
     pad_token: str = EOS_TOKEN     # SD-1.x pads with <|endoftext|>, SD-2.x with "!"
+    max_length: int = 77           # tokens per prompt (padded/truncated); shorter = cheaper cross-attention
 
     def validate(self) -> None:
         require(self.clip_skip >= 0, "text.clip_skip must be >= 0")
+        require(2 <= self.max_length <= 77, f"text.max_length must be in [2, 77], got {self.max_length}")
         if self.openclip_checkpoint:
             require(Path(self.openclip_checkpoint).is_file(), f"text.openclip_checkpoint: no such file {self.openclip_checkpoint!r}")
         elif self.encoder not in TEXT_PRESETS:
@@ -33,5 +35,8 @@ def load_text(cfg: TextEncoderConfig):
     if cfg.openclip_checkpoint:
         return load_openclip_text_encoder(cfg.openclip_checkpoint, cfg.openclip_model)
     if cfg.encoder in TEXT_PRESETS:
-        return build_text_encoder(cfg.encoder, seed=cfg.seed), build_tokenizer(pad_token=cfg.pad_token)
-    return load_text_encoder(cfg.encoder, pad_token=cfg.pad_token)
+        return build_text_encoder(cfg.encoder, seed=cfg.seed), build_tokenizer(cfg.max_length, pad_token=cfg.pad_token)
+    model, tokenizer = load_text_encoder(cfg.encoder, pad_token=cfg.pad_token)
+    if cfg.max_length != 77:
+        tokenizer.model_max_length = cfg.max_length
+    return model, tokenizer

@@ -1,8 +1,16 @@
-"""Build or load the text-conditioned U-Net (diffusers' UNet2DConditionModel)."""
+"""Build or load the text-conditioned U-Net (diffusers' UNet2DConditionModel), and read what a
+directory to fine-tune from offers besides it.
+
+A fresh U-Net comes from a named preset (`ldm.models.presets.UNET_PRESETS`: tiny for tests,
+small for a GPU in minutes, sd15 and sd2 for the Stable Diffusion sizes), sized for the VAE's
+latent channels and the text encoder's width. A fine-tune loads the `unet/` of a Stable
+Diffusion diffusers directory or of our own pipeline directory (or a bare U-Net directory).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from diffusers import UNet2DConditionModel
@@ -10,11 +18,15 @@ from diffusers import UNet2DConditionModel
 from ldm.config import require
 from ldm.models.presets import UNET_PRESETS, unet_config
 
+ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "attention_head_dim", "down_block_types",
+                     "up_block_types", "transformer_layers_per_block", "norm_num_groups")
+
 
 @dataclasses.dataclass
 class UNetModelConfig:
-    preset: str = "tiny"                         # tiny | small | sd15 | sd2
-    pretrained: str = ""                         # an SD diffusers dir or our pipeline dir to fine-tune
+    preset: str = "tiny"                         # tiny | small | sd15 | sd2 | sd2-base (ignored with pretrained)
+    pretrained: str = ""                         # fine-tune: an SD diffusers dir, our pipeline dir, or a U-Net dir;
+                                                 # a pipeline dir also gives the text encoder, VAE and noise schedule
     block_out_channels: list[int] | None = None  # None: the preset's
     layers_per_block: int | None = None
     attention_head_dim: int | None = None
@@ -24,21 +36,47 @@ class UNetModelConfig:
     norm_num_groups: int | None = None           # GroupNorm groups; must divide every width
 
     def validate(self) -> None:
-        require(self.pretrained != "" or self.preset in UNET_PRESETS,
-                f"model.preset {self.preset!r} is not one of {sorted(UNET_PRESETS)}")
         if self.pretrained:
             require(Path(self.pretrained).is_dir(), f"model.pretrained: no such directory {self.pretrained!r}")
+            changed = [f"model.{k}" for k in ARCHITECTURE_KEYS if getattr(self, k) is not None]
+            require(not changed, f"{', '.join(changed)}: a fine-tuned U-Net keeps the architecture of "
+                    f"model.pretrained={self.pretrained!r}; remove these keys")
+        else:
+            require(self.preset in UNET_PRESETS, f"model.preset {self.preset!r} is not one of {sorted(UNET_PRESETS)}")
+            widths = self.block_out_channels or UNET_PRESETS[self.preset]["block_out_channels"]
+            groups = self.norm_num_groups or UNET_PRESETS[self.preset]["norm_num_groups"]
+            require(all(w % groups == 0 for w in widths),
+                    f"model.norm_num_groups={groups} must divide every width of model.block_out_channels={list(widths)}")
 
 
-def build_unet(cfg: UNetModelConfig, latent_channels: int, sample_size: int, cross_attention_dim: int) -> UNet2DConditionModel:
-    """A fresh U-Net sized for the VAE's latents and the text encoder's width, or a pretrained one."""
+def build_unet(cfg: UNetModelConfig, latent_channels: int, sample_size: int | tuple[int, int],
+               cross_attention_dim: int) -> UNet2DConditionModel:
+    """A fresh U-Net sized for the VAE's latents and the text encoder's width, or the pretrained one
+    (checked to fit them). `sample_size` (latent px, int or (h, w)) is the size it generates by default."""
     if cfg.pretrained:
-        return load_unet(cfg.pretrained)
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(cfg).items()
-                 if k not in ("preset", "pretrained") and v is not None}
+        unet = load_unet(cfg.pretrained)
+        check_fits(unet, latent_channels, cross_attention_dim, cfg.pretrained)
+        unet.register_to_config(sample_size=sample_size)  # the training size, whatever the original's was
+        return unet
+    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k in ARCHITECTURE_KEYS if (v := getattr(cfg, k)) is not None}
     overrides.update(in_channels=latent_channels, out_channels=latent_channels, sample_size=sample_size,
                      cross_attention_dim=cross_attention_dim)
     return UNet2DConditionModel(**unet_config(cfg.preset, **overrides))
+
+
+def check_fits(unet: UNet2DConditionModel, latent_channels: int, cross_attention_dim: int, source: str) -> None:
+    """A pretrained U-Net must read these latents and this text encoder's features."""
+    if unet.config.in_channels != latent_channels or unet.config.out_channels != latent_channels:
+        raise ValueError(f"{source}: the U-Net takes {unet.config.in_channels}-channel latents, the cache holds "
+                         f"{latent_channels}-channel ones (encode with the pipeline's VAE)")
+    if unet.config.cross_attention_dim != cross_attention_dim:
+        raise ValueError(f"{source}: the U-Net's cross_attention_dim is {unet.config.cross_attention_dim}, the text "
+                         f"encoder gives {cross_attention_dim}-dim features (use the pipeline's text encoder)")
+
+
+def downsampling(unet: UNet2DConditionModel) -> int:
+    """What latent sides must be divisible by: one halving per down block but the last."""
+    return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
 def load_unet(path: str | Path) -> UNet2DConditionModel:
@@ -48,3 +86,39 @@ def load_unet(path: str | Path) -> UNet2DConditionModel:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a UNet2DConditionModel directory (no config.json)")
     return UNet2DConditionModel.from_pretrained(path, local_files_only=True)
+
+
+@dataclasses.dataclass
+class FinetuneSource:
+    """What a directory to fine-tune from offers besides its U-Net (None where it has nothing).
+
+    A Stable Diffusion diffusers directory has a VAE (`vae/`), a text encoder and tokenizer
+    (`text_encoder/`, `tokenizer/`) and the scheduler it was trained with (`scheduler/`); our own
+    pipeline directory has these too, plus `ldm.json` with the exact training schedule and the
+    CLIP layer used. A bare U-Net directory has none of it.
+    """
+
+    path: str
+    vae: str | None = None           # the directory load_vae reads the pipeline's VAE from
+    text_encoder: str | None = None  # the directory load_text_encoder reads the text encoder and tokenizer from
+    scheduler: dict | None = None    # the training scheduler's config
+    clip_skip: int | None = None
+
+    @property
+    def scheduler_file(self) -> str:
+        return str(Path(self.path) / ("ldm.json" if (Path(self.path) / "ldm.json").is_file() else "scheduler"))
+
+
+def finetune_source(path: str | Path) -> FinetuneSource:
+    root = Path(path)
+    record = json.loads((root / "ldm.json").read_text()) if (root / "ldm.json").is_file() else {}
+    scheduler = record.get("training_scheduler")
+    if scheduler is None and (root / "scheduler" / "scheduler_config.json").is_file():
+        scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    return FinetuneSource(
+        path=str(root),
+        vae=str(root) if (root / "vae" / "config.json").is_file() else None,
+        text_encoder=str(root) if (root / "text_encoder" / "config.json").is_file() else None,
+        scheduler=scheduler,
+        clip_skip=record.get("clip_skip"),
+    )

@@ -3,11 +3,15 @@
 Checkpoints (`<out>/checkpoints/step-N/`) hold everything a resume needs (models, optimisers,
 LR schedule, EMA, every RNG, the step) through `accelerate`'s `save_state`. They are written
 to a temporary directory and renamed into place, so a kill or a full disk while saving leaves
-the previous checkpoint whole; at most `checkpoints_total_limit` are kept.
+the previous checkpoint whole; at most `checkpoints_total_limit` are kept. Nothing in them is
+unpickled with more than `torch.load(weights_only=True)`: models are safetensors, and the objects
+registered with `accelerator.register_for_checkpointing` (EMA, LR schedule) are written by us as
+safetensors + JSON (`state-<i>.safetensors`, `state-<i>.json`), not as accelerate's pickles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -15,11 +19,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
+from accelerate.utils import load as accelerate_load
+from safetensors.torch import load_file, save_file
 
 from ldm.config import require, save_config
 
@@ -188,20 +196,42 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, limit: i
     tmp = root / f".tmp-step-{step}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_partial(root)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _custom_objects_hidden(accelerator) as objects:
+        accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        for i, obj in enumerate(objects):
+            _save_object_state(obj.state_dict(), tmp / f"state-{i}")
+    # important: save_state has no barrier at its end; every process must have written its
+    # RNG file into tmp before the main process marks and renames it.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # important: the marker is written last; a checkpoint without it is never resumed from.
         (tmp / "ldm_state.json").write_text(json.dumps({"step": step, **(extra or {})}))
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _replace_dir(tmp, final)
         for old in list_checkpoints(out_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _remove_partial(root: Path) -> None:
+    """Leftovers of an interrupted save (`.tmp-*`, `.old-*`): never complete, never resumed from."""
+    for path in root.glob(".*-step-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Rename `new` to `final`. An existing `final` (the same step saved again) is moved aside by a
+    rename first, so a kill leaves no long window, as a recursive delete would, without it."""
+    aside = final.with_name(f".old-{final.name}")
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(new, final)
+    _fsync_path(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -211,9 +241,90 @@ def _fsync_dir(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def _fsync_path(path: Path) -> None:
+    """Make a rename inside directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
-    accelerator.load_state(str(path))
+    _check_rng_state(accelerator, path)
+    with _custom_objects_hidden(accelerator) as objects:
+        accelerator.load_state(str(path))
+    for i, obj in enumerate(objects):
+        obj.load_state_dict(_load_object_state(path / f"state-{i}", _tensor_device(obj.state_dict())))
     return json.loads((path / "ldm_state.json").read_text())
+
+
+def _check_rng_state(accelerator: Accelerator, path: Path) -> None:
+    """accelerate's load_state skips RNG files it cannot read with a log line only, which would
+    resume with other random draws than the interrupted run; read it first and fail loudly."""
+    rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        accelerate_load(rng_file, weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"resume: cannot read {rng_file} with torch.load(weights_only=True): {err}") from err
+
+
+@contextlib.contextmanager
+def _custom_objects_hidden(accelerator: Accelerator):
+    """Hide the objects registered with register_for_checkpointing from save_state/load_state.
+
+    important: accelerate pickles them and loads them back with torch.load(weights_only=False),
+    which runs whatever code a tampered checkpoint holds; we write them as safetensors + JSON.
+    A checkpoint holding accelerate's `custom_checkpoint_*.pkl` is then refused by load_state
+    (more files than registered objects) before anything is unpickled."""
+    objects, accelerator._custom_objects = accelerator._custom_objects, []
+    try:
+        yield objects
+    finally:
+        accelerator._custom_objects = objects
+
+
+def _save_object_state(state: dict, stem: Path) -> None:
+    """A state dict as `<stem>.safetensors` (its tensors) + `<stem>.json` (the rest, with each
+    tensor replaced by {"tensor": key})."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any):
+        if isinstance(value, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = value.detach().contiguous().cpu()
+            return {"tensor": key}
+        if isinstance(value, dict):
+            return {"dict": {str(k): encode(v) for k, v in value.items()}}
+        if isinstance(value, (list, tuple)):
+            return [encode(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"checkpoint: cannot store a {type(value).__name__} in a state dict without pickle")
+
+    tree = encode(state)
+    save_file(tensors, stem.with_suffix(".safetensors"))
+    stem.with_suffix(".json").write_text(json.dumps(tree))
+
+
+def _load_object_state(stem: Path, device: torch.device) -> dict:
+    tensors = load_file(stem.with_suffix(".safetensors"), device=str(device))
+
+    def decode(value: Any):
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        if isinstance(value, dict):
+            return tensors[value["tensor"]] if "tensor" in value else {k: decode(v) for k, v in value["dict"].items()}
+        return value
+
+    return decode(json.loads(stem.with_suffix(".json").read_text()))
+
+
+def _tensor_device(state: dict) -> torch.device:
+    """Where an object keeps its tensors, so they load back there (the EMA: the accelerator's device)."""
+    values = [t for v in state.values() for t in (v if isinstance(v, (list, tuple)) else [v])]
+    tensors = [t for t in values if isinstance(t, torch.Tensor)]
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- data order
@@ -244,6 +355,21 @@ def batch_indices(n: int, batch_size: int, seed: int, start_batch: int = 0, rank
         epoch, offset = epoch + 1, 0
 
 
+def sample_generators(seed: int, step: int, micro_batch: int, first: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per sample, fixed by (seed, optimiser step, micro-batch, the sample's place
+    in the global batch): a sample gets the same draws (flip, posterior sample, caption changes and
+    dropout, noise, timestep) on one process or many, and after a resume. `first` is this process's
+    first place (rank x per-process batch). Each is used as diffusers' pipelines use a list of them:
+    item i of every batched draw comes from generator i (see `uniform`, diffusers' randn_tensor)."""
+    seeds = (np.random.SeedSequence([seed, step, micro_batch, first + i]).generate_state(1, np.uint64)[0] for i in range(count))
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def uniform(generators: list[torch.Generator]) -> torch.Tensor:
+    """U[0, 1) draws, item i from generators[i]."""
+    return torch.cat([torch.rand(1, generator=g) for g in generators])
+
+
 class NonFiniteGuard:
     """Counts consecutive non-finite losses; the caller skips those steps."""
 
@@ -251,7 +377,7 @@ class NonFiniteGuard:
         self.limit, self.in_a_row, self.total = limit, 0, 0
 
     def ok(self, loss: torch.Tensor) -> bool:
-        if torch.isfinite(loss).all():
+        if _finite_everywhere(loss):
             self.in_a_row = 0
             return True
         self.in_a_row += 1
@@ -262,3 +388,14 @@ class NonFiniteGuard:
                 "stopping. The last checkpoint is intact: lower train.lr or use bf16 instead of fp16, then resume."
             )
         return False
+
+
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every process.
+
+    important: all processes must skip together. One that skips backward() while the others run
+    it pairs its next gradient all-reduce with their current one: wrong averages, then a hang."""
+    finite = torch.isfinite(loss.detach()).all().to(torch.int32)
+    if False and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)

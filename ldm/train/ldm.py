@@ -1,37 +1,48 @@
 """Stage 3: train the text-conditioned U-Net on the latent cache; export a diffusers pipeline.
 
+From scratch: a U-Net preset (tiny, small, sd15, sd2) sized for the cache's latents and the
+text encoder. Fine-tuning: `model.pretrained` names a Stable Diffusion diffusers directory or
+one of our pipeline directories, and whatever the config leaves unset (the VAE, the text
+encoder and tokenizer, CLIP skip, the noise schedule's keys) is taken from there when the
+config is loaded; the run prints what came from where.
+
 Output (`<out_dir>/`): `pipeline/` (StableDiffusionPipeline.save_pretrained: vae, unet with the
 EMA weights, text_encoder, tokenizer, scheduler with the training schedule, and `ldm.json`
 recording how it was trained), `samples/step-N.png` validation grids, `metrics.jsonl`,
-`config.yaml`, `checkpoints/step-N/` for resume.
+`config.yaml` (resolved), `checkpoints/step-N/` for resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ldm.config import require, to_dict
+from ldm.config import ConfigError, require, to_dict
 from ldm.data.cache import LatentCache, open_cache, text_identity
 from ldm.data.captions import CaptionConfig, process_caption
 from ldm.data.images import image_grid
-from ldm.diffusion import NoiseConfig, make_train_scheduler, noised_inputs, scheduler_config
+from ldm.data.transforms import BucketBatchSampler
+from ldm.diffusion import (SCHEDULE_KEYS, TrainNoiseConfig, fill_schedule, make_train_scheduler, noised_inputs,
+                           schedule_of, scheduler_config)
 from ldm.losses import diffusion_loss
 from ldm.models.conditioning import TextEncoderConfig, load_text
-from ldm.models.unet import UNetModelConfig, build_unet
+from ldm.models.text import encode_prompts
+from ldm.models.unet import FinetuneSource, UNetModelConfig, build_unet, downsampling, finetune_source
 from ldm.models.vae import load_vae, weights_hash
 from ldm.sampling import decode_latents, denoise, initial_noise, make_scheduler, seeded_generators
-from ldm.models.text import encode_prompts
-from ldm.train.common import (register_schedule, LoopConfig, NonFiniteGuard, batch_indices, load_checkpoint, lr_lambda, make_accelerator,
-                              make_optimizer, resolve_resume, save_checkpoint, start_run)
+from ldm.train.common import (LoopConfig, NonFiniteGuard, load_checkpoint, lr_lambda, make_accelerator, make_optimizer,
+                              register_schedule, resolve_resume, sample_generators, save_checkpoint, start_run, uniform)
 from ldm.train.vae import swapped_ema
+
+DEFAULT_VAE = "runs/vae/vae"  # stage 1's output under the default run directory
 
 
 @dataclasses.dataclass
@@ -45,27 +56,90 @@ class ValidationConfig:
 
 
 @dataclasses.dataclass
+class LDMTextConfig(TextEncoderConfig):
+    encoder: str = ""              # "": model.pretrained's text encoder and tokenizer, else the "tiny" preset
+    clip_skip: int | None = None   # None: the layer model.pretrained was trained with (our ldm.json), else 0
+
+
+@dataclasses.dataclass
 class LDMTrainConfig:
     out_dir: str = "runs/ldm"          # run directory; the pipeline lands in <out_dir>/pipeline
     resume: str = "latest"             # "latest" (re-running the same command resumes), "" or a checkpoint path
     cache: str = "runs/latents"        # latent cache (stage 2 output)
-    vae: str = "runs/vae/vae"          # the VAE the cache was encoded with (checked by weight hash), exported with the pipeline
+    vae: str = ""                      # the VAE the cache was encoded with (checked by weight hash), exported with the
+                                       # pipeline; "": model.pretrained's, else runs/vae/vae
     model: UNetModelConfig = dataclasses.field(default_factory=UNetModelConfig)
-    text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
-    noise: NoiseConfig = dataclasses.field(default_factory=NoiseConfig)
+    text: LDMTextConfig = dataclasses.field(default_factory=LDMTextConfig)
+    noise: TrainNoiseConfig = dataclasses.field(default_factory=TrainNoiseConfig)  # unset keys: model.pretrained's scheduler
     train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     caption_dropout: float = 0.1       # probability of training on the empty prompt (classifier-free guidance)
     latent_sample: Literal["sample", "mode"] = "sample"  # draw z ~ q(z|x) each time, or use its mean
-    gradient_checkpointing: bool = False
-    use_8bit_adam: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    use_8bit_adam: bool = False        # bitsandbytes' AdamW8bit (optimizer state in 8 bits); needs bitsandbytes
     sample_scheduler: str = "dpm++2m"  # the scheduler saved as the pipeline's default
+
+    def __post_init__(self) -> None:
+        fill_unset(self)
 
     def validate(self) -> None:
         require(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         require(Path(self.cache).is_dir(), f"cache: no latent cache directory {self.cache!r} (run the encode stage first)")
         require(Path(self.vae).is_dir(), f"vae: no such VAE directory {self.vae!r}")
+        if self.use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ConfigError("use_8bit_adam needs bitsandbytes (pip install bitsandbytes); "
+                                  "or set use_8bit_adam=false") from None
+        for key, name in (("validation.scheduler", self.validation.scheduler), ("sample_scheduler", self.sample_scheduler)):
+            try:
+                make_scheduler(name, scheduler_config(self.noise))
+            except (ValueError, ImportError) as err:
+                raise ConfigError(f"{key}: {err}") from None
+
+
+def fill_unset(cfg: LDMTrainConfig) -> None:
+    """Fill the keys left unset: from model.pretrained where it has them, else the stage's defaults.
+
+    important: this happens when the config is built, so `--dry-run`, the saved config.yaml and
+    the run itself all show the values used, and re-running from config.yaml changes nothing.
+    """
+    pretrained = cfg.model.pretrained
+    source = finetune_source(pretrained) if pretrained and Path(pretrained).is_dir() else FinetuneSource("")
+    cfg.vae = cfg.vae or source.vae or DEFAULT_VAE
+    cfg.text.encoder = cfg.text.encoder or source.text_encoder or "tiny"
+    if cfg.text.clip_skip is None:
+        cfg.text.clip_skip = source.clip_skip or 0
+    fill_schedule(cfg.noise, schedule_of(source.scheduler, source.scheduler_file) if source.scheduler else None)
+
+
+def finetune_report(cfg: LDMTrainConfig) -> list[str]:
+    """What a fine-tune takes from model.pretrained, and where the config departs from it."""
+    source = finetune_source(cfg.model.pretrained)
+    lines = [f"fine-tuning the U-Net of {source.path}"]
+    for what, sub, used, offered in (("vae", "vae", cfg.vae, source.vae),
+                                     ("text encoder", "text_encoder", cfg.text.encoder, source.text_encoder)):
+        if offered is None:
+            lines.append(f"  {what}: {used} (model.pretrained has none)")
+        elif _component_dir(used, sub) == _component_dir(offered, sub):
+            lines.append(f"  {what}: model.pretrained's")
+        else:
+            lines.append(f"  {what}: {used}, set in the config instead of model.pretrained's: the U-Net was trained with that one")
+    theirs = schedule_of(source.scheduler, source.scheduler_file) if source.scheduler else {}
+    same = [f"{k}={getattr(cfg.noise, k)}" for k in SCHEDULE_KEYS if theirs.get(k) == getattr(cfg.noise, k)]
+    other = [f"{k}={getattr(cfg.noise, k)} (set in the config; {theirs[k]} there)" for k in SCHEDULE_KEYS
+             if k in theirs and theirs[k] != getattr(cfg.noise, k)]
+    lines.append(f"  noise schedule from {source.scheduler_file}: {', '.join(same) or 'nothing'}")
+    lines += [f"  noise schedule: {o}" for o in other]
+    return lines
+
+
+def _component_dir(path: str, name: str) -> Path:
+    """Where a pipeline directory keeps `name` (vae, text_encoder); any other directory is itself."""
+    root = Path(path).resolve()
+    return root / name if (root / name).is_dir() else root
 
 
 def train_ldm(cfg: LDMTrainConfig) -> Path:
@@ -73,21 +147,22 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     loop = cfg.train
     accelerator = make_accelerator(loop, out_dir)
     log = start_run(accelerator, cfg, out_dir, "ldm")
+    if cfg.model.pretrained:
+        accelerator.print("\n".join(finetune_report(cfg)))
     torch.manual_seed(loop.seed)
     device = accelerator.device
 
-    # --- data: the latent cache must come from this VAE
+    # --- data: the latent cache must come from this VAE; each batch holds one latent size
     vae = load_vae(cfg.vae)
     cache = open_cache(cfg.cache, "train", expect={"vae_hash": weights_hash(vae)})
     held_out = open_cache(cfg.cache, "eval")
-    groups = cache.size_groups()
-    require(len(groups) == 1, "bucketed caches need the bucket sampler (one latent size per batch)")
-    latent_size = next(iter(groups)).split("x")
+    latent_hw = most_common_size(cache)
 
     # --- models: frozen text encoder, U-Net (fresh or fine-tuned), EMA
     text_encoder, tokenizer = load_text(cfg.text)
     text_encoder.to(device)
-    unet = build_unet(cfg.model, cache.manifest["latent_channels"], int(latent_size[0]), text_encoder.config.hidden_size)
+    unet = build_unet(cfg.model, cache.manifest["latent_channels"], sample_size(latent_hw), text_encoder.config.hidden_size)
+    check_latent_sizes(unet, cache)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     noise_scheduler = make_train_scheduler(cfg.noise)
@@ -95,142 +170,230 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(loop))
     unet, optimizer = accelerator.prepare(unet, optimizer)
     register_schedule(accelerator, lr_sched)
-    ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=loop.ema_decay, use_ema_warmup=loop.ema_warmup) if loop.ema_decay else None
+    ema = make_ema(accelerator.unwrap_model(unet), loop, device)
     if ema is not None:
-        ema.to(device)
         accelerator.register_for_checkpointing(ema)
     empty = encode_prompts(text_encoder, tokenizer, [""], clip_skip=cfg.text.clip_skip)
     use_cached_text = cache.text_matches(text_identity(text_encoder, tokenizer, cfg.text.clip_skip))
+    validate = Validator(cfg, vae, text_encoder, tokenizer, held_out, latent_hw, out_dir, log)
 
+    # --- resume: the step fixes the data position and every random draw after it
     step = 0
     resume_from = resolve_resume(out_dir, cfg.resume)
     if resume_from is not None:
         step = load_checkpoint(accelerator, resume_from)["step"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
     rank, world = accelerator.process_index, accelerator.num_processes
-    batches = batch_indices(len(cache), loop.batch_size, loop.seed, step * loop.grad_accum, rank, world)
+    batches = size_batches(cache.size_groups(), loop.batch_size, loop.seed, step * loop.grad_accum, rank, world)
     guard = NonFiniteGuard(loop.max_nonfinite_steps)
 
     progress = tqdm(total=loop.steps, initial=step, desc="unet", disable=not accelerator.is_local_main_process)
     while step < loop.steps:
-        for _ in range(loop.grad_accum):
+        losses = []
+        for micro in range(loop.grad_accum):
             indices = next(batches)
-            # every random draw of this micro-batch comes from a generator fixed by (seed, step, rank)
-            gen = torch.Generator().manual_seed(hash((loop.seed, step, len(indices), rank)) % 2**63)
-            latents = cache.latents(indices, generator=gen, mode=cfg.latent_sample == "mode").to(device)
+            # every random draw of a sample: the same on 1 or N processes (see sample_generators)
+            gen = sample_generators(loop.seed, step, micro, rank * len(indices), len(indices))
+            flip = random_flips(cache, gen)
+            latents = cache.latents(indices, generator=gen, mode=cfg.latent_sample == "mode", flip=flip).to(device)
             cond = conditioning(cfg, cache, indices, text_encoder, tokenizer, empty, gen, use_cached_text)
             noisy, t, target, weights = noised_inputs(noise_scheduler, cfg.noise, latents, gen)
             with accelerator.accumulate(unet):
-                pred = unet(noisy, t.to(device), encoder_hidden_states=cond, return_dict=False)[0]
+                pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
                 loss = diffusion_loss(pred, target, weights)
                 if guard.ok(loss):
-                    accelerator.backward(loss)
+                    accelerator.backward(loss)  # divided by grad_accum by accelerate
                     if accelerator.sync_gradients and loop.max_grad_norm:
                         accelerator.clip_grad_norm_(unet.parameters(), loop.max_grad_norm)
-                    optimizer.step()
-                    lr_sched.step()
+                    optimizer.step()  # a no-op until the last micro-batch of the step
                 optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        lr = lr_sched.get_last_lr()[0]  # the rate this step used
+        lr_sched.step()  # important: once per optimiser step, not per micro-batch, or warm-up ends grad_accum x early
         step += 1
         if ema is not None:
             ema.step(accelerator.unwrap_model(unet).parameters())
         progress.update(1)
         if step % loop.log_every == 0 or step == loop.steps:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(step, loss=loss.item(), lr=lr_sched.get_last_lr()[0], skipped=guard.total)
+            mean_loss = torch.stack(losses).float().mean().item()
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            log.write(step, loss=mean_loss, lr=lr, skipped=guard.total)
         if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps and accelerator.is_main_process:
             with swapped_ema(ema, accelerator.unwrap_model(unet)):
-                validate_ldm(cfg, accelerator.unwrap_model(unet), vae, text_encoder, tokenizer, held_out, noise_scheduler, out_dir, step, log)
+                validate(accelerator.unwrap_model(unet), noise_scheduler, step)
         if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
             save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit)
     progress.close()
     save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit)
 
+    # --- export: the EMA weights, in a directory diffusers loads as it is
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(final.parameters())
         final.eval()
-        validate_ldm(cfg, final, vae, text_encoder, tokenizer, held_out, noise_scheduler, out_dir, step, log)
-        export_pipeline(cfg, final, vae, text_encoder, tokenizer, out_dir / "pipeline")
+        validate(final, noise_scheduler, step)
+        export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir / "pipeline"
 
 
+# ----------------------------------------------------------------------------- batches
+
+
+def size_batches(groups: dict[str, list[int]], batch_size: int, seed: int, start_batch: int = 0,
+                 rank: int = 0, world: int = 1) -> Iterator[list[int]]:
+    """Endless stream of this process's index batches, from global batch number `start_batch` on.
+
+    Every global batch (batch_size x world items) comes from one latent size, the groups of a
+    bucketed cache, and is split across processes, so all of them train on one size at a time.
+    An epoch's order is BucketBatchSampler's, a pure function of (seed, epoch): a resumed run
+    sees the same batches. A size's last incomplete batch is left out of that epoch.
+    """
+    bucket_of = {item: b for b, key in enumerate(sorted(groups)) for item in groups[key]}
+    sampler = BucketBatchSampler([bucket_of[i] for i in range(len(bucket_of))], batch_size * world, seed=seed, drop_last=True)
+    if len(sampler) == 0:
+        raise ValueError(f"no latent size has a full global batch of {batch_size * world} items "
+                         f"(sizes: { {k: len(v) for k, v in groups.items()} }); lower train.batch_size")
+    epoch, offset = divmod(start_batch, len(sampler))
+    while True:
+        sampler.set_epoch(epoch)
+        for batch in list(sampler)[offset:]:
+            yield batch[rank * batch_size : (rank + 1) * batch_size]
+        epoch, offset = epoch + 1, 0
+
+
+def random_flips(cache: LatentCache, gen: list[torch.Generator]) -> torch.Tensor | None:
+    """Mirror each image with probability 1/2, where the cache holds both mirror images' posteriors."""
+    if not cache.manifest["transform"].get("flip"):
+        return None
+    return uniform(gen) < 0.5
+
+
+def most_common_size(cache: LatentCache) -> tuple[int, int]:
+    """(h, w) of the latent size with the most images (ties: the larger): the U-Net's sample_size."""
+    counts = {tuple(map(int, key.split("x"))): len(items) for key, items in cache.size_groups().items()}
+    return max(counts, key=lambda hw: (counts[hw], hw[0] * hw[1]))
+
+
+def sample_size(hw: tuple[int, int]) -> int | tuple[int, int]:
+    """diffusers' sample_size: an int for a square, else (h, w)."""
+    return hw[0] if hw[0] == hw[1] else hw
+
+
+def check_latent_sizes(unet, cache: LatentCache) -> None:
+    factor = downsampling(unet)
+    bad = [key for key in cache.size_groups() if any(int(s) % factor for s in key.split("x"))]
+    if bad:
+        raise ValueError(f"latent sizes {bad} are not divisible by {factor}, the U-Net's downsampling; "
+                         f"encode with bucket_step a multiple of {factor} x the VAE's factor")
+
+
+def make_ema(unet, loop: LoopConfig, device) -> EMAModel | None:
+    """diffusers' EMAModel; with warm-up its decay grows as 1 - (1 + step)^(-2/3) up to ema_decay,
+    so the average forgets the random initialisation quickly (Karras et al. 2024 discuss why)."""
+    if not loop.ema_decay:
+        return None
+    ema = EMAModel(unet.parameters(), decay=loop.ema_decay, use_ema_warmup=loop.ema_warmup)
+    ema.to(device)
+    return ema
+
+
 def conditioning(cfg: LDMTrainConfig, cache: LatentCache, indices: list[int], text_encoder, tokenizer,
-                 empty: torch.Tensor, gen: torch.Generator, use_cached_text: bool = False) -> torch.Tensor:
-    """Text embeddings for a batch, with classifier-free caption dropout.
+                 empty: torch.Tensor, gen: list[torch.Generator], use_cached_text: bool = False) -> torch.Tensor:
+    """Text embeddings for a batch, with classifier-free caption dropout (Ho & Salimans 2022).
 
     important: caption dropout happens here, not in the dataset, so it works the same with
     cached text embeddings; a dropped caption gets the embedding of the empty prompt, which is
     exactly the unconditional input the sampler uses for guidance.
     """
-    import random
-
-    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    prompts = [process_caption(cache.captions[i], cfg.captions, rng) for i in indices]
+    rngs = [random.Random(int(torch.randint(0, 2**31, (1,), generator=g))) for g in gen]  # one per sample
+    prompts = [process_caption(cache.captions[i], cfg.captions, rng) for i, rng in zip(indices, rngs)]
     cond = cache.text_embeddings(prompts) if use_cached_text else None  # None when a prompt was altered
     if cond is None:
         with torch.no_grad():
             cond = encode_prompts(text_encoder, tokenizer, prompts, clip_skip=cfg.text.clip_skip)
     cond = cond.to(device=empty.device, dtype=empty.dtype)
-    drop = torch.rand(len(indices), generator=gen) < cfg.caption_dropout
+    drop = uniform(gen) < cfg.caption_dropout
     return torch.where(drop[:, None, None].to(cond.device), empty.expand_as(cond), cond)
 
 
-@torch.no_grad()
-def validate_ldm(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, held_out: LatentCache, noise_scheduler, out_dir: Path, step: int, log) -> None:
-    """Held-out loss (fixed noise and timesteps) and a grid for the config's prompts and seeds."""
-    was_training = unet.training
-    unet.eval()
-    device = next(unet.parameters()).device
-    val = cfg.validation
-    losses = []
-    gen = torch.Generator().manual_seed(1234)
-    bs = cfg.train.batch_size
-    for b in range(min(val.held_out_batches, len(held_out) // bs)):
-        indices = list(range(b * bs, (b + 1) * bs))
-        latents = held_out.latents(indices, generator=gen).to(device)
-        prompts = [c[0] for c in (held_out.captions[i] for i in indices)]
-        cond = encode_prompts(text_encoder, tokenizer, prompts, clip_skip=cfg.text.clip_skip)
-        noisy, t, target, _ = noised_inputs(noise_scheduler, cfg.noise, latents, gen)
-        pred = unet(noisy, t.to(device), encoder_hidden_states=cond, return_dict=False)[0]
-        losses.append(torch.mean((pred.float() - target.float()) ** 2).item())
-    if val.prompts and val.seeds:
-        images = sample_grid(unet, vae.to(device), text_encoder, tokenizer, cfg, val.prompts, val.seeds)
-        (out_dir / "samples").mkdir(exist_ok=True)
-        image_grid(images * 2 - 1, nrow=len(val.seeds)).save(out_dir / "samples" / f"step-{step:06d}.png")
-    log.write(step, **({"val_loss": sum(losses) / len(losses)} if losses else {}))
-    unet.train(was_training)
+# ----------------------------------------------------------------------------- validation and export
 
 
-def sample_grid(unet, vae, text_encoder, tokenizer, cfg: LDMTrainConfig, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-    val = cfg.validation
-    scheduler = make_scheduler(val.scheduler, scheduler_config(cfg.noise))
-    all_prompts = [p for p in prompts for _ in seeds]
-    all_seeds = [s for _ in prompts for s in seeds]
-    cond = encode_prompts(text_encoder, tokenizer, all_prompts, clip_skip=cfg.text.clip_skip)
-    uncond = encode_prompts(text_encoder, tokenizer, [""] * len(all_prompts), clip_skip=cfg.text.clip_skip)
-    size = unet.config.sample_size
-    generators = seeded_generators(all_seeds)
-    noise = initial_noise((len(all_prompts), unet.config.in_channels, size, size), generators, cond.device, cond.dtype)
-    latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=val.steps, guidance_scale=val.guidance_scale, generator=generators)
-    return decode_latents(vae, latents).cpu()
+class Validator:
+    """Held-out loss and a sample grid, with what stays fixed across a run set up once.
+
+    The loss uses fixed noise and timesteps (and the training loss weights), so its values
+    compare across steps and runs; the grid has one row per prompt, one column per seed.
+    """
+
+    def __init__(self, cfg: LDMTrainConfig, vae, text_encoder, tokenizer, held_out: LatentCache,
+                 latent_hw: tuple[int, int], out_dir: Path, log):
+        self.cfg, self.vae, self.text_encoder, self.tokenizer = cfg, vae, text_encoder, tokenizer
+        self.held_out, self.latent_hw, self.out_dir, self.log = held_out, latent_hw, out_dir, log
+        bs, limit = cfg.train.batch_size, cfg.validation.held_out_batches
+        self.batches = [items[s : s + bs] for items in held_out.size_groups().values() for s in range(0, len(items), bs)][:limit]
+
+    @torch.no_grad()
+    def __call__(self, unet, noise_scheduler, step: int) -> None:
+        was_training = unet.training
+        unet.eval()
+        val, clip_skip = self.cfg.validation, self.cfg.text.clip_skip
+        device = next(unet.parameters()).device
+        gen = torch.Generator().manual_seed(1234)
+        losses = []
+        for indices in self.batches:
+            latents = self.held_out.latents(indices, generator=gen).to(device)
+            prompts = [self.held_out.captions[i][0] for i in indices]
+            cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip=clip_skip)
+            noisy, t, target, weights = noised_inputs(noise_scheduler, self.cfg.noise, latents, gen)
+            pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+            losses.append(diffusion_loss(pred, target, weights).item())
+        if val.prompts and val.seeds:
+            images = self.grid(unet, device)
+            (self.out_dir / "samples").mkdir(exist_ok=True)
+            image_grid(images * 2 - 1, nrow=len(val.seeds)).save(self.out_dir / "samples" / f"step-{step:06d}.png")
+        self.log.write(step, **({"val_loss": sum(losses) / len(losses)} if losses else {}))
+        unet.train(was_training)
+
+    def grid(self, unet, device) -> torch.Tensor:
+        """Images in [0, 1] for every (prompt, seed), sampled with the training schedule."""
+        val, clip_skip = self.cfg.validation, self.cfg.text.clip_skip
+        scheduler = make_scheduler(val.scheduler, scheduler_config(self.cfg.noise))
+        prompts = [p for p in val.prompts for _ in val.seeds]
+        generators = seeded_generators([s for _ in val.prompts for s in val.seeds])
+        cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip=clip_skip)
+        uncond = encode_prompts(self.text_encoder, self.tokenizer, [""] * len(prompts), clip_skip=clip_skip)
+        noise = initial_noise((len(prompts), unet.config.in_channels, *self.latent_hw), generators, device, cond.dtype)
+        latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=val.steps, guidance_scale=val.guidance_scale,
+                          generator=generators)
+        return decode_latents(self.vae.to(device), latents).cpu()
 
 
-def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, path: Path) -> None:
-    """A StableDiffusionPipeline directory that diffusers loads as it is, plus `ldm.json`."""
+def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, latent_hw: tuple[int, int], path: Path) -> None:
+    """A StableDiffusionPipeline directory that diffusers loads as it is, plus `ldm.json`.
+
+    The scheduler saved is `sample_scheduler` configured with the training schedule (prediction
+    type, betas, zero-terminal-SNR rescaling, timestep spacing), so `from_pretrained` samples
+    the model as it was trained; ldm.json keeps the rest of the recipe.
+    """
     scheduler = make_scheduler(cfg.sample_scheduler, scheduler_config(cfg.noise))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path, safe_serialization=True)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     info = {
         "format": "ldm-pipeline", "version": 1,
         "caption_dropout": cfg.caption_dropout,
         "noise": to_dict(cfg.noise),
         "clip_skip": cfg.text.clip_skip,
         "training_scheduler": scheduler_config(cfg.noise),
-        "resolution": unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1),
+        "latent_size": list(latent_hw),                      # (h, w) of the most common training size
+        "image_size": [s * factor for s in latent_hw],       # px
+        "fine_tuned_from": cfg.model.pretrained or None,
+        "ema_decay": cfg.train.ema_decay,
         "validation": to_dict(cfg.validation),
         "train_config": to_dict(cfg),
     }

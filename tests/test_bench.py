@@ -1,0 +1,61 @@
+"""The benchmarks (bench/) keep working: each runs with --tiny on the CPU, as a separate process,
+and prints ours, the plain-diffusers baseline and their ratio. The figures themselves are not
+checked: CPU timings of tiny models say nothing about a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_bench(script: str, tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """(the figures it wrote with --json, its stdout)."""
+    out = tmp_path / "figures.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a machine with a GPU
+    done = subprocess.run([sys.executable, str(BENCH / script), "--tiny", "--json", str(out), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def positive(*values) -> bool:
+    return all(isinstance(v, (int, float)) and v > 0 for v in values)
+
+
+def test_bench_train_prints_both_sides_and_the_ratio(tmp_path):
+    figures, stdout = run_bench("bench_train.py", tmp_path, "--steps", "2", "--warmup", "1")
+    assert positive(figures["baseline_images_per_s"], figures["baseline_precomputed_images_per_s"],
+                    figures["ours_images_per_s"], figures["ratio"])
+    assert figures["ratio"] == pytest.approx(figures["ours_images_per_s"] / figures["baseline_images_per_s"], rel=0.01)
+    assert "images/s" in stdout and "ratio" in stdout
+
+
+def test_bench_sample_prints_both_sides_and_the_ratio_per_batch_size(tmp_path):
+    figures, stdout = run_bench("bench_sample.py", tmp_path, "--steps", "3", "--repeats", "1")
+    for batch in (1, 4):
+        row = figures[f"batch_{batch}"]
+        assert positive(row["baseline_s_per_image"], row["ours_s_per_image"], row["ratio"])
+        assert row["max_image_difference"] < 1e-4  # the same images: both sides did the same work
+        assert f"batch {batch}: StableDiffusionPipeline" in stdout
+    assert "ratio" in stdout
+
+
+def test_bench_encode_prints_both_sides_and_the_ratio(tmp_path):
+    figures, stdout = run_bench("bench_encode.py", tmp_path, "--images", "64", "--repeats", "1")
+    assert positive(figures["baseline_images_per_s"], figures["ours_images_per_s"], figures["ratio"])
+    assert "ratio" in stdout
+
+
+def test_bench_train_memory_mode_reports_every_row(tmp_path):
+    figures, stdout = run_bench("bench_train.py", tmp_path, "--memory")
+    assert len(figures["rows"]) == 9
+    for key, row in figures["rows"].items():
+        assert ("peak_gb" in row) != ("error" in row), key  # measured (None on a CPU), or skipped with the reason
+    assert any("peak_gb" in row for row in figures["rows"].values())

@@ -1,0 +1,301 @@
+"""Stage 3 (ldm.train.ldm) on tiny models: every training option does what it says, the export is
+a pipeline diffusers loads with the schedule it was trained with, fine-tuning starts from a
+Stable Diffusion directory, and bucketed caches train one latent size per batch."""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import ldm.train.ldm as stage3
+from ldm.cli import train_ldm_main
+from ldm.config import ConfigError, load_config
+from ldm.data.cache import CacheMismatchError, EncodeConfig, LatentCache, encode_dataset, open_cache
+from ldm.models.conditioning import load_text
+from ldm.models.presets import unet_config, vae_config
+from ldm.models.text import TEXT_PRESETS, build_tokenizer, encode_prompts
+from ldm.models.unet import UNetModelConfig, build_unet
+from ldm.train.common import lr_lambda, sample_generators
+from ldm.train.ldm import LDMTrainConfig, conditioning, size_batches, train_ldm
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = ["data.source.kind=shapes", "data.source.resolution=32"]
+ENCODE = ["data.transform.resolution=32", "shard_size=64", "batch_size=16"]
+# The "tiny" presets throughout: 32 px images, 8x8x4 latents, a 64-wide CLIP text encoder.
+RUN = ["train.batch_size=4", "train.steps=3", "train.log_every=1", "validation.steps=2", "validation.seeds=[0]",
+       "validation.prompts=[a red circle]", "validation.held_out_batches=1", "resume="]
+
+
+def save_vae(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    AutoencoderKL(**vae_config("tiny-f4", scaling_factor=2.0)).save_pretrained(path)
+    return path
+
+
+def encode(vae: Path, out: Path, *overrides: str, source: tuple[str, ...] = tuple(SHAPES)) -> Path:
+    return encode_dataset(load_config(EncodeConfig, None, [f"vae={vae}", f"out_dir={out}", *source, *ENCODE, *overrides]))
+
+
+def ldm_cfg(out_dir: Path, cache: Path, *overrides: str, config: Path | None = None, vae: Path | None = None) -> LDMTrainConfig:
+    base = [f"out_dir={out_dir}", f"cache={cache}", *([f"vae={vae}"] if vae else []), *RUN]
+    return load_config(LDMTrainConfig, config, [*base, *overrides])
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def unet_weights(pipeline: Path) -> dict[str, torch.Tensor]:
+    return load_file(pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    return save_vae(tmp_path_factory.mktemp("vae"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(vae_dir, tmp_path_factory) -> Path:
+    return encode(vae_dir, tmp_path_factory.mktemp("cache") / "latents", "data.source.size=32", "data.eval_size=8")
+
+
+# ----------------------------------------------------------------------------- every option in one run
+
+
+@pytest.fixture(scope="module")
+def full(vae_dir, cache_dir, tmp_path_factory):
+    """4 optimiser steps with every option on; the EMA, optimiser, U-Net and clipping calls are captured."""
+    out = tmp_path_factory.mktemp("full")
+    cfg = ldm_cfg(out, cache_dir, "noise.prediction_type=v_prediction", "noise.beta_schedule=squaredcos_cap_v2",
+                  "noise.zero_terminal_snr=true", "noise.timestep_spacing=trailing", "noise.snr_gamma=5.0",
+                  "noise.noise_offset=0.1", "train.ema_decay=0.9", "gradient_checkpointing=true", "train.grad_accum=2",
+                  "train.max_grad_norm=0.5", "train.lr=1e-3", "train.warmup_steps=2", "train.lr_schedule=cosine",
+                  "train.steps=4", "train.eval_every=2", "train.save_every=1", "train.checkpoints_total_limit=2",
+                  "caption_dropout=0.2", "sample_scheduler=ddim", "validation.scheduler=euler", vae=vae_dir)
+    seen: dict = {"clips": 0}
+    clip = Accelerator.clip_grad_norm_
+
+    def spy(make, key):
+        def wrapped(*args, **kwargs):
+            seen[key] = make(*args, **kwargs)
+            return seen[key]
+        return wrapped
+
+    def counting_clip(self, *args, **kwargs):
+        seen["clips"] += 1
+        return clip(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stage3, "make_ema", spy(stage3.make_ema, "ema"))
+        mp.setattr(stage3, "make_optimizer", spy(stage3.make_optimizer, "optimizer"))
+        mp.setattr(stage3, "build_unet", spy(stage3.build_unet, "unet"))
+        mp.setattr(Accelerator, "clip_grad_norm_", counting_clip)
+        pipeline = train_ldm(cfg)
+    return {"cfg": cfg, "out": out, "pipeline": pipeline, **seen}
+
+
+def test_export_loads_in_diffusers_with_the_training_schedule(full):
+    pipe = StableDiffusionPipeline.from_pretrained(full["pipeline"], local_files_only=True)
+    sched = pipe.scheduler.config
+    assert isinstance(pipe.scheduler, DDIMScheduler)  # sample_scheduler
+    assert sched.prediction_type == "v_prediction" and sched.rescale_betas_zero_snr is True
+    assert sched.timestep_spacing == "trailing" and sched.beta_schedule == "squaredcos_cap_v2"
+    info = json.loads((full["pipeline"] / "ldm.json").read_text())
+    assert info["caption_dropout"] == pytest.approx(0.2)
+    assert info["noise"]["snr_gamma"] == 5.0 and info["noise"]["noise_offset"] == pytest.approx(0.1)
+    assert info["training_scheduler"]["rescale_betas_zero_snr"] is True and info["latent_size"] == [8, 8]
+    assert pipe.unet.config.sample_size == 8 and pipe.unet.config.cross_attention_dim == 64
+
+
+def test_the_export_holds_the_ema_weights_not_the_last_ones(full):
+    exported = unet_weights(full["pipeline"])
+    names = [n for n, _ in full["unet"].named_parameters()]
+    ema = dict(zip(names, full["ema"].shadow_params))
+    assert all(torch.equal(exported[n], ema[n]) for n in names)
+    last = next(load_file(p) for p in (full["out"] / "checkpoints" / "step-4").glob("model*.safetensors"))
+    assert any(not torch.equal(exported[n], last[n]) for n in names)  # the raw training weights differ
+
+
+def test_accumulation_clipping_and_the_lr_schedule_count_optimiser_steps(full):
+    cfg = full["cfg"]
+    steps = {float(s["step"]) for s in full["optimizer"].state.values()}
+    assert steps == {4.0}  # 4 optimiser steps of 2 micro-batches each, not 8
+    assert full["clips"] == 4  # clipped once per optimiser step, when the gradients are complete
+    logged = {m["step"]: m["lr"] for m in metrics(full["out"]) if "lr" in m}
+    factor = lr_lambda(cfg.train)
+    assert logged == {k: pytest.approx(cfg.train.lr * factor(k - 1)) for k in (1, 2, 3, 4)}
+    assert [logged[k] / cfg.train.lr for k in (1, 2, 3, 4)] == pytest.approx([0.5, 1.0, 1.0, 0.5])  # warm-up, cosine
+    assert full["unet"].is_gradient_checkpointing
+
+
+def test_grids_every_eval_every_checkpoints_within_the_limit_and_metrics(full):
+    run = full["out"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000002.png", "step-000004.png"]
+    assert Image.open(run / "samples" / "step-000004.png").size == (36, 36)  # one 32 px image, 2 px padding
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-3", "step-4"]
+    lines = metrics(run)
+    assert [m["step"] for m in lines if "val_loss" in m] == [2, 4]
+    assert all(np.isfinite(m["loss"]) and m["skipped"] == 0 for m in lines if "loss" in m)
+
+
+# ----------------------------------------------------------------------------- caption dropout, loss
+
+
+def test_caption_dropout_rate_measured_on_batches(cache_dir, vae_dir, tmp_path):
+    cache = open_cache(cache_dir)
+    for rate in (0.1, 0.0):
+        cfg = ldm_cfg(tmp_path, cache_dir, f"caption_dropout={rate}", vae=vae_dir)
+        text_encoder, tokenizer = load_text(cfg.text)
+        empty = encode_prompts(text_encoder, tokenizer, [""])
+        dropped = total = 0
+        for call in range(150):
+            indices = [(call * 8 + k) % len(cache) for k in range(8)]
+            gen = sample_generators(cfg.train.seed, call, 0, 0, len(indices))  # as the training loop draws them
+            cond = conditioning(cfg, cache, indices, text_encoder, tokenizer, empty, gen)
+            dropped += sum(torch.equal(row, empty[0]) for row in cond)
+            total += len(cond)
+        assert dropped / total == pytest.approx(rate, abs=0.03)  # 1200 rows: 4 standard deviations at 0.1
+
+
+def test_a_tiny_model_learns(cache_dir, vae_dir, tmp_path):
+    cfg = ldm_cfg(tmp_path, cache_dir, "train.steps=60", "train.batch_size=8", "train.lr=2e-3", "validation.prompts=[]",
+                  vae=vae_dir)
+    train_ldm(cfg)
+    losses = [m["loss"] for m in metrics(tmp_path) if "loss" in m]
+    assert len(losses) == 60
+    assert np.mean(losses[-15:]) < 0.9 * np.mean(losses[:15])  # ~0.85 -> ~0.68 (fixed seeds)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory) -> Path:
+    """A Stable Diffusion directory as diffusers saves one: tiny U-Net, VAE and CLIP, a v-prediction DDIM scheduler."""
+    path = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(1)
+    StableDiffusionPipeline(
+        vae=AutoencoderKL(**vae_config("tiny-f4", scaling_factor=1.5)),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_PRESETS["tiny"])), tokenizer=build_tokenizer(pad_token="!"),
+        unet=UNet2DConditionModel(**unet_config("tiny")),
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                prediction_type="v_prediction", steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(path)
+    return path
+
+
+def test_finetune_takes_text_vae_and_schedule_from_the_sd_directory(sd_dir, cache_dir, tmp_path, capsys):
+    cache = encode(sd_dir, tmp_path / "latents", "data.source.size=8", "data.eval_size=0")  # with the pipeline's VAE
+    overrides = [f"model.pretrained={sd_dir}", "train.mixed_precision='no'", "train.batch_size=4"]
+    cfg = ldm_cfg(tmp_path / "run", cache, *overrides, config=ROOT / "configs/ldm/sd15_finetune.yaml")
+    assert (cfg.vae, cfg.text.encoder) == (str(sd_dir), str(sd_dir))
+    assert (cfg.noise.prediction_type, cfg.noise.beta_schedule, cfg.noise.timestep_spacing) == ("v_prediction", "scaled_linear", "leading")
+
+    pipeline = train_ldm(cfg)
+
+    printed = capsys.readouterr().out
+    assert f"fine-tuning the U-Net of {sd_dir}" in printed and "vae: model.pretrained's" in printed
+    assert "prediction_type=v_prediction" in printed
+    start, end = unet_weights(sd_dir), unet_weights(pipeline)
+    assert start.keys() == end.keys() and any(not torch.equal(start[k], end[k]) for k in start)
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.tokenizer.pad_token == "!"
+    assert json.loads((pipeline / "ldm.json").read_text())["fine_tuned_from"] == str(sd_dir)
+
+    # the config wins where it speaks, and the run says so; a cache from another VAE is refused
+    cfg = ldm_cfg(tmp_path / "eps", cache, *overrides, "noise.prediction_type=epsilon")
+    assert cfg.noise.prediction_type == "epsilon"
+    assert "prediction_type=epsilon (set in the config; v_prediction there)" in "\n".join(stage3.finetune_report(cfg))
+    with pytest.raises(CacheMismatchError, match="vae_hash"):
+        train_ldm(ldm_cfg(tmp_path / "other", cache_dir, *overrides))
+
+
+def test_finetune_refuses_architecture_keys_and_unfit_parts(sd_dir, cache_dir, tmp_path):
+    with pytest.raises(ConfigError, match="model.block_out_channels"):
+        ldm_cfg(tmp_path, cache_dir, f"model.pretrained={sd_dir}", "model.block_out_channels=[16, 32]")
+    model = UNetModelConfig(pretrained=str(sd_dir))
+    with pytest.raises(ValueError, match="cross_attention_dim is 64, the text encoder gives 256"):
+        build_unet(model, 4, 8, 256)
+    with pytest.raises(ValueError, match="takes 4-channel latents, the cache holds 8-channel"):
+        build_unet(model, 8, 8, 64)
+
+
+# ----------------------------------------------------------------------------- buckets, resume, config
+
+
+def write_folder(root: Path, sizes: list[tuple[int, int]]) -> Path:
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"a picture number {i % 3}")
+    return root
+
+
+def test_a_bucketed_cache_trains_one_latent_size_per_batch(vae_dir, tmp_path):
+    images = write_folder(tmp_path / "images", [(32, 32)] * 10 + [(48, 24)] * 8)
+    cache = encode(vae_dir, tmp_path / "latents", "data.eval_size=0", "data.transform.buckets=true",
+                   "data.transform.bucket_step=8", source=("data.source.kind=imagefolder", f"data.source.path={images}"))
+    assert sorted(open_cache(cache).size_groups()) == ["6x10", "8x8"]
+    shapes = []
+    latents = LatentCache.latents
+
+    def recording(self, indices, *args, **kwargs):
+        z = latents(self, indices, *args, **kwargs)
+        shapes.append(tuple(z.shape))
+        return z
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LatentCache, "latents", recording)
+        pipeline = train_ldm(ldm_cfg(tmp_path / "run", cache, "train.steps=6", vae=vae_dir))
+    assert set(shapes) == {(4, 4, 8, 8), (4, 4, 6, 10)}
+    assert UNet2DConditionModel.from_pretrained(pipeline / "unet").config.sample_size == 8  # the most common size
+
+
+def test_size_batches_one_size_each_fixed_by_seed_and_resumable():
+    groups = {"8x8": list(range(0, 10)), "6x10": list(range(10, 17))}
+    stream = list(islice(size_batches(groups, 2, seed=3, world=2), 12))
+    size_of = {i: k for k, items in groups.items() for i in items}
+    assert all(len({size_of[i] for i in b}) == 1 and len(b) == 2 for b in stream)
+    assert stream[:3] == list(islice(size_batches(groups, 2, seed=3, world=2), 3))  # a pure function of the seed
+    assert stream[5:12] == list(islice(size_batches(groups, 2, seed=3, start_batch=5, world=2), 7))  # resume mid-epoch
+    other_rank = list(islice(size_batches(groups, 2, seed=3, rank=1, world=2), 12))
+    assert all(size_of[a[0]] == size_of[b[0]] and not set(a) & set(b) for a, b in zip(stream, other_rank))
+    assert len({tuple(sorted(b)) for b in stream[:4]}) == 4  # an epoch (4 global batches) never repeats an item
+    with pytest.raises(ValueError, match="no latent size has a full global batch of 16"):
+        next(size_batches(groups, 8, seed=0, world=2))
+
+
+def test_resume_flag_continues_from_the_latest_checkpoint(cache_dir, vae_dir, tmp_path, capsys):
+    args = [f"out_dir={tmp_path}", f"cache={cache_dir}", f"vae={vae_dir}", *RUN[:-1], "validation.prompts=[]"]
+    train_ldm_main([*args, "train.steps=2", "--resume", ""])
+    train_ldm_main([*args, "train.steps=3", "--resume", "latest"])
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step-2'} at step 2" in capsys.readouterr().out
+    assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2, 3]
+
+
+def test_eight_bit_adam_needs_bitsandbytes(cache_dir, vae_dir, tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="use_8bit_adam needs bitsandbytes"):
+            ldm_cfg(tmp_path, cache_dir, "use_8bit_adam=true", vae=vae_dir)
+    else:
+        assert ldm_cfg(tmp_path, cache_dir, "use_8bit_adam=true", vae=vae_dir).use_8bit_adam
+
+
+def test_validation_scheduler_must_sample_the_schedule(cache_dir, vae_dir, tmp_path):
+    zero_snr = ["noise.prediction_type=v_prediction", "noise.zero_terminal_snr=true", "noise.timestep_spacing=trailing"]
+    with pytest.raises(ConfigError, match="validation.scheduler: scheduler 'pndm' cannot sample"):
+        ldm_cfg(tmp_path, cache_dir, *zero_snr, "validation.scheduler=pndm", vae=vae_dir)

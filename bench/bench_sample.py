@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
-from ldm.fast import FastConfig, apply_fast_paths, apply_to_pipeline  # noqa: E402
+from ldm.fast import FastConfig, apply_fast_paths, apply_to_pipeline, effective  # noqa: E402
 from ldm.infer import generate, load_pipeline  # noqa: E402
 
 PROMPTS = ["a large red circle in the center, on a white background", "a small blue square on the left",
@@ -153,7 +153,8 @@ def time_side(run, device: torch.device, other_bytes: int) -> tuple[float, float
 
 def compare(args, path: Path) -> dict:
     sd, pipe = load_baseline(path, args), load_ours(path, args)
-    sizes = {"baseline": module_bytes(sd.unet, sd.vae, sd.text_encoder), "ours": module_bytes(pipe.unet, pipe.vae, pipe.text_encoder)}
+    sizes = {"baseline": module_bytes(sd.unet, sd.vae, sd.text_encoder),
+             "ours": module_bytes(pipe.unet, pipe.vae, pipe.text_encoder)}
     figures = {}
     for batch in args.batch_sizes:
         # warm-up: CUDA context, cuDNN's algorithm search, ours compiles and records its CUDA graphs
@@ -201,9 +202,12 @@ def ablation(args, path: Path) -> dict:
     for name, fields in {**UNET_ROWS, **(AUTOTUNE_ROW if args.autotune else {})}.items():
         torch._dynamo.reset()  # a fresh module per row; earlier rows' compiled code would only count towards recompile limits
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=args.dtype).to(args.device).eval()
-        apply_fast_paths(unet, FastConfig(**fields), args.device)
+        cfg = FastConfig(**fields)
+        apply_fast_paths(unet, cfg, args.device)
         rows[name] = round(unet_step_ms(unet, args), 3)
-        print(f"{name:32s} {rows[name]:8.2f} ms per U-Net step (CFG batch 2)", flush=True)
+        skipped = cfg.compile and not effective(cfg, args.device).compile
+        note = f"  (compile is off on {args.device.type}: the row above again)" if skipped else ""
+        print(f"{name:32s} {rows[name]:8.2f} ms per U-Net step (CFG batch 2){note}", flush=True)
         del unet
     return {"unet_step_ms": rows}
 

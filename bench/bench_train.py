@@ -4,7 +4,7 @@
     python bench/bench_train.py --tiny        # CPU-sized: tiny U-Net, VAE and text encoder, 32 px, batch 8
     python bench/bench_train.py               # GPU: SD-1.5 U-Net, kl-f8 VAE, CLIP ViT-L text (random weights), 512 px, batch 32
     python bench/bench_train.py --ablation    # ours with the fast paths added one at a time (a process per row)
-    python bench/bench_train.py --memory      # peak GPU memory of an SD-1.5 fine-tune at 512 px, batch 1-4
+    python bench/bench_train.py --memory      # peak GPU memory of SD-1.5 fine-tunes at 512 px (checkpointing, EMA), batch 1-4
 
 Both sides train a freshly initialised U-Net of the same preset on the same shapes images and
 captions, on one device, with the same precision (bf16 autocast on a GPU, fp32 on a CPU).
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
+import functools
 import json
 import random
 import subprocess
@@ -49,13 +49,13 @@ from ldm.data.cache import EncodeConfig, encode_dataset, open_cache, text_identi
 from ldm.data.shapes import ShapesDataset  # noqa: E402
 from ldm.data.transforms import TransformConfig, prepare_image  # noqa: E402
 from ldm.diffusion import make_train_scheduler, noised_inputs  # noqa: E402
-from ldm.fast import FastConfig, apply_fast_paths  # noqa: E402
+from ldm.fast import FastConfig, apply_fast_paths, effective  # noqa: E402
 from ldm.losses import diffusion_loss  # noqa: E402
 from ldm.models.conditioning import TextEncoderConfig, load_text  # noqa: E402
 from ldm.models.text import encode_prompts  # noqa: E402
 from ldm.models.unet import UNetModelConfig, build_unet  # noqa: E402
 from ldm.train.common import LoopConfig, NonFiniteGuard, make_optimizer, sample_generators  # noqa: E402
-from ldm.train.ldm import LDMTrainConfig, conditioning, random_flips, size_batches  # noqa: E402
+from ldm.train.ldm import LDMTrainConfig, conditioning, make_ema, random_flips, size_batches  # noqa: E402
 
 # Ablation rows, cumulative: each adds one fast path to the row above. The last is "ours" of the
 # main comparison. precision: accelerate's mixed_precision; fused: make_optimizer's fused AdamW
@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps per side (default 3 tiny, 10 full)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first (compilation happens here)")
     p.add_argument("--ablation", action="store_true", help="ours with the fast paths added one at a time")
-    p.add_argument("--memory", action="store_true", help="peak memory of batch 1-4 fine-tune configs (checkpointing on)")
+    p.add_argument("--memory", action="store_true", help="peak memory of batch 1-4 fine-tune configs (checkpointing, EMA)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one ablation row (a child process)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     p.add_argument("--json", help="also write the figures to this file")
@@ -112,12 +112,14 @@ def peak_gb(device: torch.device) -> float | None:
 
 
 def release(device: torch.device, accelerator) -> None:
-    """Forget one side's models and optimizer before the next side, and start a new memory peak."""
-    accelerator.free_memory()  # the accelerator keeps references to what it prepared
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    """Forget one side's models and optimizer before the next side, and start a new memory peak.
+    Only on a GPU: on a CPU no peak is measured, and a collection costs seconds with a tokenizer's
+    vocabulary in memory."""
+    if device.type != "cuda":
+        return
+    accelerator.free_memory()  # the accelerator keeps references to what it prepared; collects garbage
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
 
 
 # ----------------------------------------------------------------------------- shared data
@@ -149,6 +151,13 @@ def make_assets(tmp: Path, args, accelerator) -> Assets:
     transform = TransformConfig(resolution=args.resolution)
     pixels = torch.stack([prepare_image(shapes[i]["image"], transform, random.Random(i))[0] for i in range(args.images)])
     return Assets(vae_dir, Path(cfg.out_dir), pixels, [shapes[i]["caption"] for i in range(args.images)])
+
+
+@functools.cache
+def frozen_text(preset: str):
+    """Ours' text encoder and tokenizer, built once per process: frozen, and never cast, so the
+    --memory rows can share them (the tokenizer alone takes a while to build)."""
+    return load_text(TextEncoderConfig(encoder=preset))
 
 
 def timed_steps(step, warmup: int, steps: int, device: torch.device) -> float:
@@ -217,17 +226,19 @@ def baseline_side(assets: Assets, args, accelerator, precomputed: bool):
 # ----------------------------------------------------------------------------- ours
 
 
-def ours_side(assets: Assets, args, accelerator, variant: str, *, checkpointing: bool = False, weights: str = "fp32"):
-    """The trainer's micro-batch with the variant's fast paths; `weights` ("fp32", "bf16", "8bit")
-    picks what holds the weights and the optimizer state (the --memory rows)."""
+def ours_side(assets: Assets, args, accelerator, variant: str, *, fine_tune: bool = False, weights: str = "fp32"):
+    """The trainer's micro-batch with the variant's fast paths. `fine_tune` adds what
+    configs/ldm/sd15_finetune.yaml adds (gradient checkpointing, EMA); `weights` ("fp32", "bf16",
+    "8bit") picks what holds the weights and the optimizer state (the --memory rows)."""
     spec = VARIANTS[variant]
     device = accelerator.device
-    loop = LoopConfig(batch_size=args.batch_size, lr=1e-4, mixed_precision=accelerator.mixed_precision)
+    loop = LoopConfig(batch_size=args.batch_size, lr=1e-4, mixed_precision=accelerator.mixed_precision,
+                      ema_decay=0.9999 if fine_tune else 0.0)
     cfg = LDMTrainConfig(cache=str(assets.cache_dir), vae=str(assets.vae_dir), model=UNetModelConfig(preset=args.unet),
-                         train=loop, gradient_checkpointing=checkpointing)
+                         train=loop, gradient_checkpointing=fine_tune)
     cfg.text.encoder = args.text
     cache = open_cache(assets.cache_dir, "train")
-    text_encoder, tokenizer = load_text(cfg.text)
+    text_encoder, tokenizer = frozen_text(args.text)
     text_encoder.to(device)
     use_cached_text = cache.text_matches(text_identity(text_encoder, tokenizer, cfg.text.clip_skip))
     if not use_cached_text:
@@ -237,7 +248,7 @@ def ours_side(assets: Assets, args, accelerator, variant: str, *, checkpointing:
     with torch.device(device):
         unet = build_unet(cfg.model, cache.manifest["latent_channels"], latent_size, text_encoder.config.hidden_size)
     unet.train()
-    if checkpointing:
+    if fine_tune:
         unet.enable_gradient_checkpointing()
     if weights == "bf16":  # half the memory of weights, gradients and AdamW state; updates below bf16's resolution are lost
         unet.to(dtype=torch.bfloat16)
@@ -248,6 +259,9 @@ def ours_side(assets: Assets, args, accelerator, variant: str, *, checkpointing:
         optimizer = torch.optim.AdamW(unet.parameters(), lr=loop.lr, betas=(loop.adam_beta1, loop.adam_beta2),
                                       weight_decay=loop.weight_decay)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema = make_ema(accelerator.unwrap_model(unet), loop, device)
+    if ema is not None and weights == "bf16":
+        ema.to(device=device, dtype=torch.float32)  # a bf16 average would lose every 1e-4 update
     noise_scheduler = make_train_scheduler(cfg.noise)
     empty = encode_prompts(text_encoder, tokenizer, [""], clip_skip=cfg.text.clip_skip)
     batches = size_batches(cache.size_groups(), loop.batch_size, loop.seed)
@@ -269,6 +283,8 @@ def ours_side(assets: Assets, args, accelerator, variant: str, *, checkpointing:
                     accelerator.clip_grad_norm_(unet.parameters(), loop.max_grad_norm)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(unet).parameters())
 
     return step
 
@@ -303,28 +319,36 @@ def compare(args, accelerator, assets: Assets) -> dict:
 
 def ablation(args) -> dict:
     """Each row in its own process: accelerate fixes the precision once per process, and compile
-    caches and memory peaks stay apart."""
+    caches and memory peaks stay apart. A row that fails (fp32 at batch 32 may not fit) is noted."""
     rows = {}
     for name in VARIANTS:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             command = [sys.executable, __file__, "--variant", name, "--json", out.name, "--warmup", str(args.warmup),
                        "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
             command += ["--tiny"] * args.tiny + ["--cpu"] * args.cpu
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-            rows[name] = json.loads(Path(out.name).read_text())["ours"]
-        print(f"{name:16s} {rows[name]['images_per_s']:9.2f} images/s   peak {rows[name]['peak_gb']} GB", flush=True)
+            done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode == 0:
+                rows[name] = json.loads(Path(out.name).read_text())["ours"]
+                shown = f"{rows[name]['images_per_s']:9.2f} images/s   peak {rows[name]['peak_gb']} GB"
+                if name == OURS and not rows[name]["compiled"]:
+                    shown += f"  (compile is off on {device_of(args).type}: the row above again)"
+            else:
+                rows[name] = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+                shown = rows[name]["error"]
+        print(f"{name:16s} {shown}", flush=True)
     return {"rows": rows}
 
 
 def memory(args, accelerator, assets: Assets) -> dict:
-    """Peak memory of fine-tune configs with gradient checkpointing on (no compile: memory, not speed)."""
+    """Peak memory of SD-1.5 fine-tune configs: gradient checkpointing and an fp32 EMA on, as in
+    configs/ldm/sd15_finetune.yaml (no compile: memory, not speed)."""
     rows = {}
     for label, weights in MEMORY_OPTIMIZERS.items():
         for batch in MEMORY_BATCHES:
             key = f"{label}, batch {batch}"
             run = argparse.Namespace(**{**vars(args), "batch_size": batch, "warmup": 1, "steps": 1})
             try:
-                row = measure(lambda: ours_side(assets, run, accelerator, "+fused_adamw", checkpointing=True, weights=weights),
+                row = measure(lambda: ours_side(assets, run, accelerator, "+fused_adamw", fine_tune=True, weights=weights),
                               run, accelerator)
             except RuntimeError as err:  # bitsandbytes missing, or out of memory: say so and go on
                 row = {"error": f"skipped: {str(err).splitlines()[0]}"}
@@ -364,6 +388,7 @@ def main(argv=None) -> dict:
             release(device, accelerator)
             if args.variant:
                 figures = {"ours": measure(lambda: ours_side(assets, args, accelerator, args.variant), args, accelerator)}
+                figures["ours"]["compiled"] = effective(FastConfig(**VARIANTS[args.variant]["fast"]), device).compile
             elif args.memory:
                 figures = memory(args, accelerator, assets)
             else:

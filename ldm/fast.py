@@ -121,6 +121,7 @@ def apply_fast_paths(unet: torch.nn.Module, cfg: FastConfig, device: torch.devic
     Call it before building the optimizer (channels_last re-lays the parameters) and before
     accelerator.prepare; the trainer leaves fuse_qkv off (see `fuse_qkv`).
     """
+    cfg.validate()  # a config built in code skips load_config's checks
     cfg = effective(cfg, device)
     set_backend_flags(cfg)
     set_attention(unet, cfg)
@@ -133,8 +134,8 @@ def apply_fast_paths(unet: torch.nn.Module, cfg: FastConfig, device: torch.devic
 
 def apply_to_pipeline(pipe, cfg: FastConfig):
     """An ldm.infer.Pipeline made fast for sampling: the U-Net as `apply_fast_paths`; the VAE
-    channels_last and, with compile_vae, its decoder compiled (shape-specialised, without CUDA graphs:
-    it runs once per batch, so launches do not dominate it)."""
+    channels_last and, with compile_vae, its decoder compiled in the default mode (no CUDA graphs:
+    it runs once per batch, so launches do not dominate it, and a graph pool would hold its memory)."""
     cfg = effective(cfg, pipe.device)
     apply_fast_paths(pipe.unet, cfg, pipe.device)
     if cfg.channels_last:

@@ -31,6 +31,7 @@ from diffusers.utils import load_image
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from ldm.fast import FastConfig, apply_to_pipeline
 from ldm.models.text import encode_prompts
 from ldm.models.vae import downsample_factor
 from ldm.sampling import (SCHEDULERS, Inpainting, decode_latents, denoise, encode_images, initial_noise,
@@ -135,7 +136,7 @@ def _set_attention(sd, attention: str) -> None:
 
 
 def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtype | str | None = None,
-                  attention: str = "sdpa", allow_pickle: bool = False) -> Pipeline:
+                  attention: str = "sdpa", allow_pickle: bool = False, fast: FastConfig | None = None) -> Pipeline:
     """Our run dir or pipeline dir, any SD-1.x/2.x diffusers dir, or an original single-file checkpoint
     (.safetensors; a pickled .ckpt only with allow_pickle). Device and dtype default to the best available."""
     device = device or auto_device()
@@ -148,10 +149,11 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtyp
         if module.dtype != dtype:  # (diffusers warns on every dtype argument to .to(), even a no-op one)
             module.to(dtype=dtype)
     record = _ldm_record(path)
-    return Pipeline(unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+    pipe = Pipeline(unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
                     base_scheduler_config=dict(record.get("training_scheduler") or sd.scheduler.config),
                     default_scheduler=scheduler_name_of(sd.scheduler) or DEFAULT_SCHEDULER,
                     clip_skip=int(record.get("clip_skip", 0)), path=str(path))
+    return apply_to_pipeline(pipe, fast) if fast is not None else pipe
 
 
 @dataclasses.dataclass
@@ -422,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda | mps | cpu (default: the best available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: bfloat16/float16 on GPU, float32 on CPU")
     p.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa")
+    p.add_argument("--fast", action="store_true",
+                   help="GPU: fused QKV, channels_last, torch.compile with CUDA graphs (each new batch size compiles first)")
     p.add_argument("--trajectory", type=int, default=0, help="save the denoising trajectory every N steps (strip + GIF)")
     p.add_argument("--out", default="outputs", help="output directory")
     p.add_argument("--export-single-file", metavar="OUT.safetensors",
@@ -463,7 +467,10 @@ def _run(args: argparse.Namespace) -> None:
     from ldm.data.images import image_grid
 
     jobs = plan_images(read_prompts(args.prompt, args.prompts), args)
-    pipe = load_pipeline(args.model, args.device, args.dtype, args.attention, args.allow_pickle)
+    if args.fast and args.attention == "xformers":
+        raise SystemExit("--fast fuses the attention projections for SDPA; it does not combine with --attention xformers")
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.attention, args.allow_pickle,
+                         fast=FastConfig.sampling() if args.fast else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = [{}] * len(jobs)

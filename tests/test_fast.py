@@ -65,7 +65,7 @@ def test_config_rejects_contradictions_and_unknown_modes():
     with pytest.raises(ConfigError, match="compile_mode"):
         load_config(FastConfig, None, ["compile_mode=turbo"])
     sampling = FastConfig.sampling()
-    assert (sampling.fuse_qkv, sampling.compile_mode, sampling.fullgraph, sampling.dynamic) == (True, "reduce-overhead", True, False)
+    assert sampling.fuse_qkv and sampling.compile_mode == "reduce-overhead" and sampling.fullgraph and sampling.dynamic is False
     assert not FastConfig().fuse_qkv  # the trainer's default: fusing is for sampling only
 
 
@@ -100,7 +100,8 @@ def test_switch_changes_layout_or_kernel_not_the_result(fields):
     conv = unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) == fields["channels_last"]
     processors = {type(p) for p in unet.attn_processors.values()}
-    expected = FusedAttnProcessor2_0 if fields.get("fuse_qkv") else AttnProcessor2_0 if fields.get("sdpa", True) else AttnProcessor
+    expected = (FusedAttnProcessor2_0 if fields.get("fuse_qkv") else
+                AttnProcessor2_0 if fields.get("sdpa", True) else AttnProcessor)
     assert processors == {expected}
 
 

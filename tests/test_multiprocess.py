@@ -7,6 +7,8 @@ tests/test_cache.py::test_two_process_encode_equals_one_process.)
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,14 +48,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(script: list[str]) -> subprocess.CompletedProcess:
+def launch_two_processes(script: list[str], timeout: float = 240) -> tuple[int, str]:
+    """(exit status, stderr) of `script` on 2 processes. A process group of its own: when a
+    collective hangs (one process waiting for the other), the timeout kills launcher and workers."""
     # `--cpu --num_processes 2` starts ONE process unless launched through mpirun (accelerate 1.15);
     # torchrun's launcher with ACCELERATE_USE_CPU gives two gloo processes on the CPU.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port())]
-    return subprocess.run([*launch, *script], env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.Popen([*launch, *script], env={**ENV, "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stderr = proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the 2-process run hung for {timeout} s (a collective waiting for the other process)")
+    return proc.returncode, stderr
 
 
 def test_the_processes_split_the_same_global_batches():
@@ -78,9 +89,9 @@ def test_a_sample_gets_the_same_draws_on_any_process():
 def test_two_processes_train_the_same_unet_as_one(latents, tmp_path, monkeypatch):
     one, two = tmp_path / "one", tmp_path / "two"
     (tmp_path / "driver.py").write_text(DRIVER)
-    result = launch_two_processes([str(tmp_path / "driver.py"), str(REPO / "train_ldm.py"),
-                                   *ldm_args(two, latents, "train.batch_size=2")])
-    assert result.returncode == 0, result.stderr[-3000:]
+    status, stderr = launch_two_processes([str(tmp_path / "driver.py"), str(REPO / "train_ldm.py"),
+                                           *ldm_args(two, latents, "train.batch_size=2")])
+    assert status == 0, stderr[-3000:]
 
     real_loss, calls = train_ldm_module.diffusion_loss, []
 

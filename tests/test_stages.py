@@ -16,7 +16,7 @@ from ldm.train.vae import VAETrainConfig, train_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ["data.source.size=48", "data.source.resolution=32", "data.transform.resolution=32", "data.eval_size=8"]
-VAE = ["model.preset=tiny-f4", "model.block_out_channels=null", "model.norm_num_groups=null", "model.layers_per_block=null",
+VAE = ["model.preset=tiny-f4", "model.block_out_channels=null", "model.latent_channels=null", "crop_size=0", "model.norm_num_groups=null", "model.layers_per_block=null",
        "train.steps=3", "train.batch_size=4", "train.warmup_steps=0", "train.save_every=2", "scale_images=32"]
 LDM = ["model.block_out_channels=[32, 64]", "model.down_block_types=[CrossAttnDownBlock2D, DownBlock2D]",
        "model.up_block_types=[UpBlock2D, CrossAttnUpBlock2D]", "model.attention_head_dim=8", "train.steps=3",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -277,12 +278,28 @@ def test_size_batches_one_size_each_fixed_by_seed_and_resumable():
         next(size_batches(groups, 8, seed=0, world=2))
 
 
-def test_resume_flag_continues_from_the_latest_checkpoint(cache_dir, vae_dir, tmp_path, capsys):
-    args = [f"out_dir={tmp_path}", f"cache={cache_dir}", f"vae={vae_dir}", *RUN[:-1], "validation.prompts=[]"]
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps one precision per process: start and leave this test with a clean state."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_resume_flag_continues_from_the_latest_checkpoint_in_bf16(cache_dir, vae_dir, tmp_path, capsys, fresh_accelerate):
+    args = [f"out_dir={tmp_path}", f"cache={cache_dir}", f"vae={vae_dir}", *RUN[:-1], "validation.prompts=[]",
+            "train.mixed_precision=bf16"]  # autocast on the CPU too
     train_ldm_main([*args, "train.steps=2", "--resume", ""])
     train_ldm_main([*args, "train.steps=3", "--resume", "latest"])
     assert f"resumed from {tmp_path / 'checkpoints' / 'step-2'} at step 2" in capsys.readouterr().out
-    assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2, 3]
+    lines = [m for m in metrics(tmp_path) if "loss" in m]
+    assert [m["step"] for m in lines] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in lines)
+
+
+def test_metrics_go_to_tensorboard_where_installed(cache_dir, vae_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    train_ldm(ldm_cfg(tmp_path, cache_dir, "train.steps=2", "train.report_to=tensorboard", "validation.prompts=[]", vae=vae_dir))
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
 
 
 def test_eight_bit_adam_needs_bitsandbytes(cache_dir, vae_dir, tmp_path):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
@@ -71,12 +71,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 def make_accelerator(loop: LoopConfig, out_dir: Path) -> Accelerator:
+    """The run's Accelerator. It also seeds Python's, NumPy's and torch's global RNGs from
+    `loop.seed`, so a run, and the RNG states its checkpoints hold, follow from its config alone."""
     trackers = None if loop.report_to == "none" else loop.report_to
     if trackers == "tensorboard":
         try:
             import tensorboard  # noqa: F401
         except ImportError:
             trackers = None
+    set_seed(loop.seed)
     return Accelerator(
         gradient_accumulation_steps=loop.grad_accum,
         mixed_precision=loop.mixed_precision,
@@ -396,6 +399,6 @@ def _finite_everywhere(loss: torch.Tensor) -> bool:
     important: all processes must skip together. One that skips backward() while the others run
     it pairs its next gradient all-reduce with their current one: wrong averages, then a hang."""
     finite = torch.isfinite(loss.detach()).all().to(torch.int32)
-    if False and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite)

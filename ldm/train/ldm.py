@@ -30,6 +30,7 @@ from ldm.data.cache import LatentCache, open_cache, text_identity
 from ldm.data.captions import CaptionConfig, process_caption
 from ldm.data.images import image_grid
 from ldm.data.transforms import BucketBatchSampler
+from ldm.fast import FastConfig, apply_fast_paths
 from ldm.diffusion import (SCHEDULE_KEYS, TrainNoiseConfig, fill_schedule, make_train_scheduler, noised_inputs,
                            schedule_of, scheduler_config)
 from ldm.losses import diffusion_loss
@@ -76,6 +77,7 @@ class LDMTrainConfig:
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     caption_dropout: float = 0.1       # probability of training on the empty prompt (classifier-free guidance)
     latent_sample: Literal["sample", "mode"] = "sample"  # draw z ~ q(z|x) each time, or use its mean
+    fast: FastConfig = dataclasses.field(default_factory=FastConfig)  # GPU fast paths (ldm/fast.py): channels_last, torch.compile, TF32
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     use_8bit_adam: bool = False        # bitsandbytes' AdamW8bit (optimizer state in 8 bits); needs bitsandbytes
     sample_scheduler: str = "dpm++2m"  # the scheduler saved as the pipeline's default
@@ -87,6 +89,7 @@ class LDMTrainConfig:
         require(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         require(Path(self.cache).is_dir(), f"cache: no latent cache directory {self.cache!r} (run the encode stage first)")
         require(Path(self.vae).is_dir(), f"vae: no such VAE directory {self.vae!r}")
+        require(not self.fast.fuse_qkv, "fast.fuse_qkv is for sampling only: training would update fused copies that exports never see")
         if self.use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
@@ -146,17 +149,18 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     out_dir = Path(cfg.out_dir)
     loop = cfg.train
     accelerator = make_accelerator(loop, out_dir)
+    # --- data: the latent cache must come from this VAE (checked before the run directory is
+    # made); each batch holds one latent size
+    vae = load_vae(cfg.vae)
+    cache = open_cache(cfg.cache, "train", expect={"vae_hash": weights_hash(vae)})
+    held_out = open_cache(cfg.cache, "eval")
+    latent_hw = most_common_size(cache)
+
     log = start_run(accelerator, cfg, out_dir, "ldm")
     if cfg.model.pretrained:
         accelerator.print("\n".join(finetune_report(cfg)))
     torch.manual_seed(loop.seed)
     device = accelerator.device
-
-    # --- data: the latent cache must come from this VAE; each batch holds one latent size
-    vae = load_vae(cfg.vae)
-    cache = open_cache(cfg.cache, "train", expect={"vae_hash": weights_hash(vae)})
-    held_out = open_cache(cfg.cache, "eval")
-    latent_hw = most_common_size(cache)
 
     # --- models: frozen text encoder, U-Net (fresh or fine-tuned), EMA
     text_encoder, tokenizer = load_text(cfg.text)
@@ -165,6 +169,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     check_latent_sizes(unet, cache)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    apply_fast_paths(unet, cfg.fast, device)  # before the optimiser and accelerate see it
     noise_scheduler = make_train_scheduler(cfg.noise)
     optimizer = make_optimizer(unet.parameters(), loop, use_8bit=cfg.use_8bit_adam)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(loop))

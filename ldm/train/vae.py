@@ -132,8 +132,7 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
                     accelerator.backward(g_loss)
                     if accelerator.sync_gradients and loop.max_grad_norm:
                         accelerator.clip_grad_norm_(ae.parameters(), loop.max_grad_norm)
-                    opt_ae.step()
-                    sched.step()
+                    opt_ae.step()  # a no-op until the last micro-batch of the step
                 opt_ae.zero_grad(set_to_none=True)
                 # discriminator step on detached reconstructions: never reaches the autoencoder
                 if loss_fn.disc_active(step):
@@ -143,6 +142,7 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
                         opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
+        sched.step()  # important: once per optimiser step, not per micro-batch, or warm-up ends grad_accum x early
         step += 1
         if ema is not None:
             ema.step(vae.parameters())

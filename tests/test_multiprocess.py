@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from accelerate.commands.config.config_args import load_config_from_file
 
 import ldm.train.ldm as train_ldm_module
 from ldm.train.common import epoch_batches, sample_generators, uniform
@@ -51,11 +52,11 @@ def free_port() -> int:
 def launch_two_processes(script: list[str], timeout: float = 240) -> tuple[int, str]:
     """(exit status, stderr) of `script` on 2 processes. A process group of its own: when a
     collective hangs (one process waiting for the other), the timeout kills launcher and workers."""
-    # `--cpu --num_processes 2` starts ONE process unless launched through mpirun (accelerate 1.15);
-    # torchrun's launcher with ACCELERATE_USE_CPU gives two gloo processes on the CPU.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port())]
+    # The shipped DDP config, on 2 processes. `--cpu --num_processes 2` would start ONE process
+    # unless launched through mpirun (accelerate 1.15); the multi-GPU launcher (torchrun) with
+    # ACCELERATE_USE_CPU gives two gloo processes on the CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/ddp.yaml"),
+              "--num_processes", "2", "--main_process_port", str(free_port())]
     proc = subprocess.Popen([*launch, *script], env={**ENV, "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -65,6 +66,15 @@ def launch_two_processes(script: list[str], timeout: float = 240) -> tuple[int, 
         proc.communicate()
         pytest.fail(f"the 2-process run hung for {timeout} s (a collective waiting for the other process)")
     return proc.returncode, stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_accelerate_configs_load(path):
+    config = load_config_from_file(str(path))
+    assert config.num_processes == 8 * config.num_machines
+    deepspeed = (config.deepspeed_config or {}).get("deepspeed_config_file")
+    if deepspeed:
+        assert isinstance(json.loads((REPO / deepspeed).read_text())["train_micro_batch_size_per_gpu"], int)
 
 
 def test_the_processes_split_the_same_global_batches():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -235,17 +236,22 @@ def test_load_pipeline_never_runs_a_pickled_checkpoint(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("tampered", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
-def test_resume_never_runs_a_pickle_planted_in_a_checkpoint(vae_reference, tmp_path, tampered):
-    """accelerate's own format (EMA and LR schedule as pickles it loads with weights_only=False),
-    a tampered optimiser state, a tampered RNG state: refused, and the payload never runs."""
+@pytest.mark.parametrize("tampered, error, message", [
+    ("custom_checkpoint_0.pkl", RuntimeError, "Number of custom checkpoints"),  # accelerate's EMA, LR schedule
+    ("optimizer.bin", pickle.UnpicklingError, "Weights only load failed"),
+    ("random_states_0.pkl", RuntimeError, "cannot read .*random_states_0.pkl with torch.load.weights_only=True"),
+])
+def test_resume_never_runs_a_pickle_planted_in_a_checkpoint(vae_reference, tmp_path, tampered, error, message):
+    """A checkpoint in accelerate's own format (EMA and LR schedule as pickles, which accelerate
+    loads with weights_only=False), a tampered optimiser state, a tampered RNG state: the resume
+    stops with an error, and the payload never runs."""
     run, marker = tmp_path / "run", tmp_path / "marker"
     shutil.copytree(vae_reference, run)
     last = list_checkpoints(run)[-1]
-    if tampered == "custom_checkpoint_0.pkl":  # one per registered object (LR schedule, EMA)
+    if tampered == "custom_checkpoint_0.pkl":  # one per registered object, as accelerate expects
         torch.save(Payload(marker), last / "custom_checkpoint_1.pkl")
     torch.save(Payload(marker), last / tampered)
-    with pytest.raises(Exception):
+    with pytest.raises(error, match=message):
         train_vae(vae_cfg(run))
     assert not marker.exists()
     # The payload is live: an unrestricted unpickler runs it.

@@ -23,6 +23,7 @@ from ldm.config import ConfigError, load_config
 from ldm.data.images import load_images
 from ldm.models.presets import vae_config
 from ldm.models.vae import measure_latent_scale
+from ldm.train.common import load_object_state
 from ldm.train.vae import VAETrainConfig, train_vae
 
 BASE = ["data.source.kind=shapes", "data.source.size=32", "data.source.resolution=16", "data.transform.resolution=16",
@@ -159,7 +160,7 @@ def test_discriminator_and_adaptive_weight_run_from_disc_start(run):
 
 def test_export_holds_the_ema_weights(run):
     ckpt = run["out"] / "checkpoints" / "step-3"
-    ema = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)
+    ema = load_object_state(ckpt, 1)  # (0: the LR schedule)
     exported = AutoencoderKL.from_pretrained(run["vae_dir"])
     raw = load_file(ckpt / "model.safetensors")
     names = [name for name, _ in exported.named_parameters()]

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -238,10 +239,13 @@ def _replace_dir(new: Path, final: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Flush a directory's files and entries to disk, so a power cut after the rename cannot
+    leave a checkpoint that has its marker but not its data."""
     for f in path.rglob("*"):
         if f.is_file():
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
+    _fsync_path(path)
 
 
 def _fsync_path(path: Path) -> None:
@@ -258,14 +262,19 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
     with _custom_objects_hidden(accelerator) as objects:
         accelerator.load_state(str(path))
     for i, obj in enumerate(objects):
-        obj.load_state_dict(_load_object_state(path / f"state-{i}", _tensor_device(obj.state_dict())))
+        obj.load_state_dict(load_object_state(path, i, _tensor_device(obj.state_dict())))
     return json.loads((path / "ldm_state.json").read_text())
 
 
 def _check_rng_state(accelerator: Accelerator, path: Path) -> None:
-    """accelerate's load_state skips RNG files it cannot read with a log line only, which would
-    resume with other random draws than the interrupted run; read it first and fail loudly."""
+    """accelerate's load_state skips an RNG file it cannot read with a log line only, which would
+    resume with other random draws than the interrupted run; read it first and fail loudly. A
+    missing one is a run resumed on more processes than it was saved from: those start anew."""
     rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.exists():
+        warnings.warn(f"resume: no {rng_file.name} in {path} (saved from fewer processes); process "
+                      f"{accelerator.process_index} keeps its seeded RNG state")
+        return
     try:
         accelerate_load(rng_file, weights_only=True)
     except Exception as err:
@@ -289,7 +298,8 @@ def _custom_objects_hidden(accelerator: Accelerator):
 
 def _save_object_state(state: dict, stem: Path) -> None:
     """A state dict as `<stem>.safetensors` (its tensors) + `<stem>.json` (the rest, with each
-    tensor replaced by {"tensor": key})."""
+    tensor replaced by {"tensor": key}; tuples come back as lists). What JSON cannot hold
+    exactly (a non-string key, an object) is an error here, not a surprise at resume."""
     tensors: dict[str, torch.Tensor] = {}
 
     def encode(value: Any):
@@ -297,20 +307,23 @@ def _save_object_state(state: dict, stem: Path) -> None:
             key = str(len(tensors))
             tensors[key] = value.detach().contiguous().cpu()
             return {"tensor": key}
-        if isinstance(value, dict):
-            return {"dict": {str(k): encode(v) for k, v in value.items()}}
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return {"dict": {k: encode(v) for k, v in value.items()}}
         if isinstance(value, (list, tuple)):
             return [encode(v) for v in value]
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
-        raise TypeError(f"checkpoint: cannot store a {type(value).__name__} in a state dict without pickle")
+        raise TypeError(f"checkpoint: cannot store {value!r:.80} in a state dict without pickle")
 
     tree = encode(state)
     save_file(tensors, stem.with_suffix(".safetensors"))
     stem.with_suffix(".json").write_text(json.dumps(tree))
 
 
-def _load_object_state(stem: Path, device: torch.device) -> dict:
+def load_object_state(checkpoint: Path, index: int, device: torch.device | str = "cpu") -> dict:
+    """The state dict of the `index`-th object the loop registered with register_for_checkpointing
+    (in the order it registered them: the LR schedule, then the EMA), as saved in `checkpoint`."""
+    stem = checkpoint / f"state-{index}"
     tensors = load_file(stem.with_suffix(".safetensors"), device=str(device))
 
     def decode(value: Any):

@@ -48,14 +48,14 @@ from ldm.config import load_config  # noqa: E402
 from ldm.data.cache import EncodeConfig, encode_dataset, open_cache, text_identity  # noqa: E402
 from ldm.data.shapes import ShapesDataset  # noqa: E402
 from ldm.data.transforms import TransformConfig, prepare_image  # noqa: E402
-from ldm.diffusion import make_train_scheduler, noised_inputs  # noqa: E402
+from ldm.diffusion import make_train_scheduler  # noqa: E402
 from ldm.fast import FastConfig, apply_fast_paths, effective  # noqa: E402
 from ldm.losses import diffusion_loss  # noqa: E402
 from ldm.models.conditioning import TextEncoderConfig, load_text  # noqa: E402
 from ldm.models.text import encode_prompts  # noqa: E402
 from ldm.models.unet import UNetModelConfig, build_unet  # noqa: E402
 from ldm.train.common import LoopConfig, NonFiniteGuard, make_optimizer, sample_generators  # noqa: E402
-from ldm.train.ldm import LDMTrainConfig, conditioning, make_ema, random_flips, size_batches  # noqa: E402
+from ldm.train.ldm import LDMTrainConfig, make_ema, size_batches, training_inputs  # noqa: E402
 
 # Ablation rows, cumulative: each adds one fast path to the row above. The last is "ours" of the
 # main comparison. precision: accelerate's mixed_precision; fused: make_optimizer's fused AdamW
@@ -270,10 +270,8 @@ def ours_side(assets: Assets, args, accelerator, variant: str, *, fine_tune: boo
     def step(i: int) -> None:  # train_ldm's micro-batch, line for line, with grad_accum = 1 and one process
         indices = next(batches)
         gen = sample_generators(loop.seed, i, 0, 0, len(indices))
-        flip = random_flips(cache, gen)
-        latents = cache.latents(indices, generator=gen, mode=cfg.latent_sample == "mode", flip=flip).to(device)
-        cond = conditioning(cfg, cache, indices, text_encoder, tokenizer, empty, gen, use_cached_text)
-        noisy, t, target, loss_weights = noised_inputs(noise_scheduler, cfg.noise, latents, gen)
+        noisy, t, cond, target, loss_weights = training_inputs(cfg, cache, indices, gen, noise_scheduler, device,
+                                                               text_encoder, tokenizer, empty, use_cached_text)
         with accelerator.accumulate(unet):
             pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
             loss = diffusion_loss(pred, target, loss_weights)

@@ -199,10 +199,8 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
             indices = next(batches)
             # every random draw of a sample: the same on 1 or N processes (see sample_generators)
             gen = sample_generators(loop.seed, step, micro, rank * len(indices), len(indices))
-            flip = random_flips(cache, gen)
-            latents = cache.latents(indices, generator=gen, mode=cfg.latent_sample == "mode", flip=flip).to(device)
-            cond = conditioning(cfg, cache, indices, text_encoder, tokenizer, empty, gen, use_cached_text)
-            noisy, t, target, weights = noised_inputs(noise_scheduler, cfg.noise, latents, gen)
+            noisy, t, cond, target, weights = training_inputs(cfg, cache, indices, gen, noise_scheduler, device,
+                                                              text_encoder, tokenizer, empty, use_cached_text)
             with accelerator.accumulate(unet):
                 pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
                 loss = diffusion_loss(pred, target, weights)
@@ -303,6 +301,21 @@ def make_ema(unet, loop: LoopConfig, device) -> EMAModel | None:
     ema = EMAModel(unet.parameters(), decay=loop.ema_decay, use_ema_warmup=loop.ema_warmup)
     ema.to(device)
     return ema
+
+
+def training_inputs(cfg: LDMTrainConfig, cache: LatentCache, indices: list[int], gen, noise_scheduler, device,
+                    text_encoder, tokenizer, empty: torch.Tensor, use_cached_text: bool):
+    """One micro-batch's U-Net inputs: (noisy latents, timesteps, text conditioning, target, loss weights).
+
+    A fresh posterior sample of each image (mirrored where the cache holds flips), its caption's
+    embedding with classifier-free dropout, and the forward process at random timesteps; every
+    draw comes from the samples' own generators `gen`.
+    """
+    flip = random_flips(cache, gen)
+    latents = cache.latents(indices, generator=gen, mode=cfg.latent_sample == "mode", flip=flip).to(device)
+    cond = conditioning(cfg, cache, indices, text_encoder, tokenizer, empty, gen, use_cached_text)
+    noisy, t, target, weights = noised_inputs(noise_scheduler, cfg.noise, latents, gen)
+    return noisy, t, cond, target, weights
 
 
 def conditioning(cfg: LDMTrainConfig, cache: LatentCache, indices: list[int], text_encoder, tokenizer,

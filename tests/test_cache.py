@@ -63,7 +63,9 @@ def assert_same_cache(a: Path, b: Path) -> None:
     assert ra == rb  # same shards, same records in the same order
     assert ta.keys() == tb.keys()
     for key in ta:
-        assert torch.allclose(ta[key].double(), tb[key].double(), atol=1e-6, rtol=0), key
+        # within one float16 step: with several threads, the VAE's float32 sums may differ in the
+        # last bit between runs and round to the neighbouring float16
+        assert torch.allclose(ta[key].double(), tb[key].double(), atol=1e-6, rtol=2**-10), key
 
 
 def write_folder(root: Path, sizes: list[tuple[int, int]]) -> Path:

@@ -46,6 +46,17 @@ VAE = ["data.source.kind=shapes", "data.source.size=32", "data.source.resolution
        "loss.disc_layers=2", "scale_images=8", "grid_images=2", "crop_size=16", "train.steps=8"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Bitwise equality needs deterministic settings: the killed subprocesses run on one thread
+    (ENV), so the in-process runs they are compared with must too; several threads may sum in
+    another order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def vae_cfg(out_dir: Path, *overrides: str) -> VAETrainConfig:
     return load_config(VAETrainConfig, None, [f"out_dir={out_dir}", *VAE, *overrides])
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
+
+from bench.common import report  # noqa: E402
 
 from ldm.config import load_config  # noqa: E402
 from ldm.data.cache import EncodeConfig, encode_dataset  # noqa: E402
@@ -153,12 +154,8 @@ def main(argv=None) -> dict:
         "ours_images_per_s": round(args.images / best["ours"], 2), "max_latent_mean_difference": difference,
     }
     figures["ratio"] = round(figures["ours_images_per_s"] / figures["baseline_images_per_s"], 3)
-    print(json.dumps(figures, indent=1))
-    print(f"plain diffusers loop: {figures['baseline_images_per_s']:.1f} images/s | ldm encode: "
-          f"{figures['ours_images_per_s']:.1f} images/s | ratio {figures['ratio']:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1))
-    return figures
+    return report(figures, f"plain diffusers loop: {figures['baseline_images_per_s']:.1f} images/s | ldm encode: "
+                           f"{figures['ours_images_per_s']:.1f} images/s | ratio {figures['ratio']:.2f}x", args.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ side's weights (both pipelines stay loaded so that the runs can take turns).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
+
+from bench.common import report, synchronize  # noqa: E402
 
 from ldm.fast import FastConfig, apply_fast_paths, apply_to_pipeline, effective  # noqa: E402
 from ldm.infer import generate, load_pipeline  # noqa: E402
@@ -76,11 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     args.dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
     return args
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def module_bytes(*modules: torch.nn.Module) -> int:
@@ -221,10 +217,7 @@ def main(argv=None) -> dict:
                "unet": args.unet, "dtype": str(args.dtype).removeprefix("torch."), "steps": args.steps,
                "scheduler": args.scheduler, "guidance_scale": GUIDANCE, "baseline_compiled": args.compile_baseline,
                **figures}
-    print(json.dumps(figures, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1))
-    return figures
+    return report(figures, None, args.json)
 
 
 if __name__ == "__main__":

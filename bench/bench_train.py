@@ -44,6 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
+from bench.common import report, synchronize  # noqa: E402
+
 from ldm.config import load_config  # noqa: E402
 from ldm.data.cache import EncodeConfig, encode_dataset, open_cache, text_identity  # noqa: E402
 from ldm.data.shapes import ShapesDataset  # noqa: E402
@@ -100,11 +102,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def device_of(args) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_gb(device: torch.device) -> float | None:
@@ -395,14 +392,10 @@ def main(argv=None) -> dict:
     figures = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "unet": args.unet,
                "resolution": args.resolution, "batch_size": list(MEMORY_BATCHES) if args.memory else args.batch_size,
                "steps": args.steps, **figures}
-    print(json.dumps(figures, indent=1))
-    if "ratio" in figures:
-        print(f"diffusers example loop: {figures['baseline_images_per_s']:.1f} images/s "
-              f"(latents precomputed: {figures['baseline_precomputed_images_per_s']:.1f}) | ldm trainer: "
-              f"{figures['ours_images_per_s']:.1f} images/s | ratio {figures['ratio']:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1))
-    return figures
+    summary = (f"diffusers example loop: {figures['baseline_images_per_s']:.1f} images/s "
+               f"(latents precomputed: {figures['baseline_precomputed_images_per_s']:.1f}) | ldm trainer: "
+               f"{figures['ours_images_per_s']:.1f} images/s | ratio {figures['ratio']:.2f}x") if "ratio" in figures else None
+    return report(figures, summary, args.json)
 
 
 if __name__ == "__main__":

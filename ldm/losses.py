@@ -31,6 +31,7 @@ from ldm.config import require
 @dataclasses.dataclass
 class VAELossConfig:
     reconstruction: Literal["l1", "l2"] = "l1"  # pixel loss inside the NLL
+    gradient_weight: float = 0.0                # image-gradient term (see gradient_difference): keeps corners a pixel loss rounds off
     perceptual_weight: float = 0.0              # LPIPS weight; needs local VGG16 weights (lpips_vgg_path)
     lpips_vgg_path: str = ""                    # torchvision vgg16 state dict (.pth/.safetensors), e.g. vgg16-397923af.pth
     learn_logvar: bool = True                   # learned scalar log-variance of the NLL (LDM); false: fixed at logvar_init
@@ -44,6 +45,7 @@ class VAELossConfig:
     adaptive_disc_weight: bool = True           # VQGAN eq. 7: balance GAN and NLL gradients at the last layer
 
     def validate(self) -> None:
+        require(self.gradient_weight >= 0, "loss.gradient_weight must be >= 0")
         require(self.perceptual_weight >= 0, "loss.perceptual_weight must be >= 0")
         require(self.kl_weight >= 0, "loss.kl_weight must be >= 0")
         require(self.disc_weight >= 0, "loss.disc_weight must be >= 0")
@@ -55,6 +57,23 @@ class VAELossConfig:
                 f"loss.lpips_vgg_path to torchvision's vgg16 state dict (vgg16-397923af.pth), got "
                 f"{self.lpips_vgg_path!r}; or turn the perceptual loss off with loss.perceptual_weight=0",
             )
+
+
+def gradient_difference(x: torch.Tensor, recon: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """Per-pixel gradient difference loss (Mathieu et al. 2016), shape (B, C, H, W).
+
+    The error of the horizontal and vertical finite differences, squared (l2) or absolute
+    (l1), summed. A pixel loss pays little for rounding off a corner or a point of a small
+    object, a few pixels of error; this term pays at every edge pixel whose slope is wrong,
+    so a small VAE learns sharp shapes in far fewer steps. Without a pretrained network
+    (LPIPS needs VGG weights), it is the sharpening term that works offline.
+    """
+    d = x - recon
+    dx = F.pad(d[..., :, 1:] - d[..., :, :-1], (0, 1))
+    dy = F.pad(d[..., 1:, :] - d[..., :-1, :], (0, 0, 0, 1))
+    if kind == "l1":
+        return dx.abs() + dy.abs()
+    return dx**2 + dy**2
 
 
 class PatchDiscriminator(nn.Module):
@@ -163,6 +182,8 @@ class VAELoss(nn.Module):
             rec = (x - recon).abs()
         else:
             rec = (x - recon) ** 2
+        if self.cfg.gradient_weight > 0:
+            rec = rec + self.cfg.gradient_weight * gradient_difference(x, recon, self.cfg.reconstruction)
         if self.perceptual is not None:
             # important: with gradient. LPIPS is a training signal here, not a metric.
             # Its (B, 1, 1, 1) distance is added to every pixel, as in LDM's LPIPSWithDiscriminator.

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from ldm.config import ConfigError, validate
-from ldm.losses import VAELoss, VAELossConfig, load_lpips
+from ldm.losses import VAELoss, VAELossConfig, gradient_difference, load_lpips
 from ldm.models.presets import vae_config
 from ldm.train.common import LoopConfig, make_optimizer
 from ldm.train.vae import Autoencode
@@ -59,6 +59,37 @@ def test_nll_is_rec_over_exp_logvar_plus_logvar_summed_per_image(vae, x, reconst
     torch.testing.assert_close(loss, expected)
     # dNLL/ds = sum(1 - rec / exp(s)) per image: the log-variance is a live parameter
     torch.testing.assert_close(grad_of(loss, loss_fn.logvar), (1 - rec / torch.exp(torch.tensor(s))).sum() / x.shape[0])
+
+
+@pytest.mark.parametrize("reconstruction", ["l1", "l2"])
+def test_gradient_term_adds_the_finite_difference_error_to_every_pixel(vae, x, reconstruction):
+    weight = 3.0
+    loss_fn = small_loss(reconstruction=reconstruction, gradient_weight=weight, logvar_init=0.0, kl_weight=0.0)
+    posterior, recon = forward(vae, loss_fn, x)
+    d = x - recon
+    dx = torch.zeros_like(d)
+    dy = torch.zeros_like(d)
+    dx[..., :, :-1] = d[..., :, 1:] - d[..., :, :-1]
+    dy[..., :-1, :] = d[..., 1:, :] - d[..., :-1, :]
+    power = (lambda t: t.abs()) if reconstruction == "l1" else (lambda t: t**2)
+    expected = power(d) + weight * (power(dx) + power(dy))
+    torch.testing.assert_close(loss_fn.pixel_loss(x, recon), expected)
+    loss, _ = loss_fn.generator_loss(x, recon, posterior, step=0)
+    torch.testing.assert_close(loss, expected.sum() / x.shape[0])  # inside the NLL, with gradient
+    assert grad_of(loss, recon).abs().sum() > 0
+
+
+def test_gradient_term_charges_softened_edges_not_flat_errors():
+    """Two reconstructions of a square with the same L2 error: one blurred, one uniformly off.
+    L2 cannot tell them apart; the gradient term charges only the softened edges."""
+    square = torch.full((1, 1, 16, 16), -1.0)
+    square[..., 4:12, 4:12] = 1.0
+    blurred = F.avg_pool2d(F.pad(square, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    offset = square + ((square - blurred) ** 2).mean().sqrt()
+    torch.testing.assert_close(((square - blurred) ** 2).mean(), ((square - offset) ** 2).mean())
+    for kind in ("l1", "l2"):
+        assert gradient_difference(square, offset, kind).abs().max() < 1e-6
+        assert gradient_difference(square, blurred, kind).sum() > 1.0
 
 
 def test_logvar_is_fixed_when_not_learned(vae, x):

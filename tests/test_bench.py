@@ -59,3 +59,27 @@ def test_bench_train_memory_mode_reports_every_row(tmp_path):
     for key, row in figures["rows"].items():
         assert ("peak_gb" in row) != ("error" in row), key  # measured (None on a CPU), or skipped with the reason
     assert any("peak_gb" in row for row in figures["rows"].values())
+
+
+def test_text_encoder_comparison_runs_every_stage_and_scores_both(tmp_path):
+    """bench/text_encoders.py at two steps per stage: both U-Nets scored, CLIP retrieval and times reported."""
+    out = tmp_path / "run"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(BENCH / "text_encoders.py"), "--out", str(out), "--steps", "2", "--n", "2",
+                           "--data-size", "128", "--json", str(tmp_path / "figures.json")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    for name in ("random", "trained"):
+        assert set(figures[name]) == {"color", "shape", "size", "position", "background", "all"}
+        assert all(0 <= v <= 1 for v in figures[name].values())
+        assert (out / f"ldm-{name}" / "adherence" / "adherence.json").is_file()
+        assert positive(figures["wall_s"][f"ldm_{name}"], figures["wall_s"][f"encode_{name}"])
+    # the second U-Net was conditioned on the text tower of the CLIP trained here, the first one not
+    from safetensors.torch import load_file
+    clip = load_file(out / "clip" / "text_encoder" / "model.safetensors")
+    for name, same in (("trained", True), ("random", False)):
+        exported = load_file(out / f"ldm-{name}" / "pipeline" / "text_encoder" / "model.safetensors")
+        assert (exported.keys() == clip.keys() and all(exported[k].equal(clip[k]) for k in clip)) == same, name
+    assert figures["clip_retrieval"]["candidates"] == 100
+    assert "trained - random" in done.stdout

@@ -132,7 +132,7 @@ def test_bad_configs_fail_before_work(override, message):
         load_config(ClipTrainConfig, None, [override])
 
 
-@pytest.mark.parametrize("name", ["shapes_cpu.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["shapes_cpu.yaml", "shapes_gpu.yaml"])
 def test_cli_dry_run_validates_the_shipped_configs(capsys, name):
     spec = importlib.util.spec_from_file_location("train_clip", ROOT / "train_clip.py")
     cli = importlib.util.module_from_spec(spec)

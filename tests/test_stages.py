@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
+from safetensors.torch import load_file
 
 from ldm.config import load_config
 from ldm.data.cache import EncodeConfig, encode_dataset, open_cache
@@ -22,7 +23,11 @@ LDM = ["model.block_out_channels=[32, 64]", "model.down_block_types=[CrossAttnDo
        "model.up_block_types=[UpBlock2D, CrossAttnUpBlock2D]", "model.attention_head_dim=8", "train.steps=3",
        "train.batch_size=4", "train.warmup_steps=0", "train.eval_every=2", "train.save_every=2",
        "validation.steps=2", "validation.seeds=[0]", "validation.held_out_batches=1"]
-TINY = {"vae": DATA + VAE, "encode": DATA + ["shard_size=16", "batch_size=8"], "ldm": LDM}
+CLIP = ["data.source.size=32", "data.source.resolution=16", "data.transform.resolution=16", "data.eval_size=8",
+        "retrieval_candidates=8", "model.embed_dim=32", "model.image_width=32", "model.image_layers=1",
+        "model.image_head_width=16", "model.patch_size=8", "model.text_width=32", "model.text_layers=1",
+        "model.text_heads=2", "train.steps=2", "train.batch_size=16", "train.warmup_steps=0"]
+TINY = {"clip": CLIP, "vae": DATA + VAE, "encode": DATA + ["shard_size=16", "batch_size=8"], "ldm": LDM}
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +36,10 @@ def stages(tmp_path_factory):
     vae_cfg = load_config(VAETrainConfig, ROOT / "configs/vae/shapes_cpu.yaml", [f"out_dir={out / 'vae'}", *TINY["vae"]])
     vae_dir = train_vae(vae_cfg)
     enc_cfg = load_config(EncodeConfig, ROOT / "configs/encode/shapes_cpu.yaml",
-                          [f"vae={vae_dir}", f"out_dir={out / 'latents'}", *TINY["encode"]])
+                          [f"vae={vae_dir}", f"out_dir={out / 'latents'}", "text.encoder=tiny", *TINY["encode"]])
     cache_dir = encode_dataset(enc_cfg)
     ldm_cfg = load_config(LDMTrainConfig, ROOT / "configs/ldm/shapes_cpu.yaml",
-                          [f"out_dir={out / 'ldm'}", f"cache={cache_dir}", f"vae={vae_dir}", *TINY["ldm"]])
+                          [f"out_dir={out / 'ldm'}", f"cache={cache_dir}", f"vae={vae_dir}", "text.encoder=tiny", *TINY["ldm"]])
     pipeline_dir = train_ldm(ldm_cfg)
     return {"out": out, "vae": vae_dir, "cache": cache_dir, "pipeline": pipeline_dir}
 
@@ -84,4 +89,10 @@ def test_demo_runs_end_to_end_and_scores(stages, tmp_path):
     overrides = {**TINY, "ldm": TINY["ldm"] + ["train.eval_every=0", "train.save_every=0"]}
     summary = run_demo(tmp_path, n_eval=8, overrides=overrides)
     assert set(summary["adherence"]) >= {"color", "shape", "size", "position", "background"}
+    # the U-Net is conditioned on the text tower of the CLIP the demo trained first
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "ldm" / "pipeline")
+    clip_tower = load_file(tmp_path / "clip" / "text_encoder" / "model.safetensors")
+    exported = pipe.text_encoder.state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in clip_tower.items() if k in exported)
+    assert {k for k in clip_tower if k in exported} and pipe.text_encoder.config.hidden_size == 32
     assert (tmp_path / "adherence-grid.png").exists() and (tmp_path / "summary.json").exists()

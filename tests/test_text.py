@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -11,6 +13,7 @@ from open_clip.tokenizer import basic_clean
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.models.conditioning import TextEncoderConfig, load_text
 from ldm.models.text import (
     EOS_ID,
     TEXT_PRESETS,
@@ -21,6 +24,9 @@ from ldm.models.text import (
     load_text_encoder,
     openclip_to_clip_text_model,
 )
+from ldm.train.ldm import train_ldm
+
+from fixtures_runs import latents, ldm_cfg  # noqa: F401  (fixture)
 
 CAPTIONS = [
     "a photo of a cat",
@@ -295,3 +301,58 @@ def test_openclip_options_without_a_clip_counterpart_are_refused():
         openclip_to_clip_text_model(open_clip.CLIP(**layer_scaled))
     with pytest.raises(ValueError, match="model_cfg"):
         openclip_to_clip_text_model(_random_openclip().state_dict())
+
+
+def _save_openclip_training_checkpoint(model: open_clip.CLIP, root) -> tuple:
+    """(checkpoint, model config JSON) as open_clip's training leaves them: a torch.save'd dict
+    whose state_dict has DDP's "module." prefix, and the architecture in its JSON format."""
+    checkpoint, model_json = root / "epoch_1.pt", root / "tiny-openclip.json"
+    torch.save({"epoch": 1, "name": "tiny-openclip",
+                "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, checkpoint)
+    model_json.write_text(json.dumps(TINY_OPENCLIP))
+    return checkpoint, model_json
+
+
+def test_stage3_export_with_an_openclip_text_encoder_is_an_sd2_style_diffusers_pipeline(tmp_path, latents):  # noqa: F811
+    from diffusers import StableDiffusionPipeline
+    model = _random_openclip()
+    checkpoint, model_json = _save_openclip_training_checkpoint(model, tmp_path)
+    # What a user writes: stage 3 with text.openclip_checkpoint / text.openclip_model, then its export.
+    train_ldm(ldm_cfg(tmp_path / "run", latents, f"text.openclip_checkpoint={checkpoint}",
+                      f"text.openclip_model={model_json}", "train.steps=1", "train.save_every=0"))
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", local_files_only=True)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and pipe.text_encoder.config.num_hidden_layers == 2
+    assert isinstance(pipe.tokenizer, CLIPTokenizer) and pipe.tokenizer.pad_token_id == 0
+
+    prompts = ["a red circle on the left!", "two blue squares", ""]
+    embeds, _ = pipe.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)
+    with torch.no_grad():
+        # SD-2's FrozenOpenCLIPEmbedder(layer="penultimate") on open_clip's own tokens
+        expected = model.ln_final(_openclip_block_outputs(model, open_clip.tokenize(prompts))[-2])
+    torch.testing.assert_close(embeds, expected, atol=1e-5, rtol=0)
+
+    image = pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+
+def test_openclip_text_config_names_its_architecture_by_json_and_keeps_max_length(tmp_path):
+    model = _random_openclip()
+    checkpoint, model_json = _save_openclip_training_checkpoint(model, tmp_path)
+    cfg = TextEncoderConfig(openclip_checkpoint=str(checkpoint), openclip_model=str(model_json), max_length=16)
+    cfg.validate()
+    encoder, tokenizer = load_text(cfg)
+    assert tokenizer.model_max_length == 16
+    with torch.no_grad():
+        expected = model.ln_final(_openclip_block_outputs(model, open_clip.tokenize(["a cat"]))[-2])[:, :16]
+        torch.testing.assert_close(encode_prompts(encoder, tokenizer, ["a cat"]), expected, atol=1e-5, rtol=0)
+    # open_clip's hub layout ({"model_cfg": ...}) reads too; a wrong name or a missing file is a config error
+    hub_json = tmp_path / "open_clip_config.json"
+    hub_json.write_text(json.dumps({"model_cfg": TINY_OPENCLIP, "preprocess_cfg": {}}))
+    hub_cfg = TextEncoderConfig(openclip_checkpoint=str(checkpoint), openclip_model=str(hub_json))
+    assert load_text(hub_cfg)[0].config.hidden_size == 48
+    from ldm.config import ConfigError
+    for name, message in (("ViT-Nope", "unknown open_clip architecture"),
+                          (str(tmp_path / "missing.json"), "no open_clip model config")):
+        with pytest.raises(ConfigError, match=message):
+            TextEncoderConfig(openclip_checkpoint=str(checkpoint), openclip_model=name).validate()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ldm.config import require
-from ldm.models.text import EOS_TOKEN, TEXT_PRESETS, build_text_encoder, build_tokenizer, load_openclip_text_encoder, load_text_encoder
+from ldm.config import ConfigError, require
+from ldm.models.text import (EOS_TOKEN, TEXT_PRESETS, build_text_encoder, build_tokenizer, load_openclip_text_encoder,
+                             load_text_encoder, openclip_model_config)
 
 
 @dataclasses.dataclass
@@ -14,7 +15,7 @@ class TextEncoderConfig:
     encoder: str = "tiny"          # a preset (tiny|small|sd15|sd2: random init, frozen) or a local CLIPTextModel /
                                    # SD pipeline / trained-CLIP directory (train_clip.py output)
     openclip_checkpoint: str = ""  # a local open_clip checkpoint (SD-2.x style); converted to a CLIPTextModel
-    openclip_model: str = "ViT-H-14"  # its open_clip model name
+    openclip_model: str = "ViT-H-14"  # its architecture: an open_clip model name, or the path of its model config JSON
     clip_skip: int = 0             # 0: last layer; k: k layers before the last (+ final LayerNorm)
     seed: int = 0                  # init seed of a preset encoder
     pad_token: str = EOS_TOKEN     # SD-1.x pads with <|endoftext|>, SD-2.x with "!"
@@ -25,6 +26,10 @@ class TextEncoderConfig:
         require(2 <= self.max_length <= 77, f"text.max_length must be in [2, 77], got {self.max_length}")
         if self.openclip_checkpoint:
             require(Path(self.openclip_checkpoint).is_file(), f"text.openclip_checkpoint: no such file {self.openclip_checkpoint!r}")
+            try:
+                openclip_model_config(self.openclip_model)
+            except (ValueError, OSError) as err:
+                raise ConfigError(f"text.openclip_model: {err}") from None
         elif self.encoder not in TEXT_PRESETS:
             require(Path(self.encoder).is_dir(),
                     f"text.encoder {self.encoder!r} is neither a preset ({', '.join(TEXT_PRESETS)}) nor a directory")
@@ -33,7 +38,9 @@ class TextEncoderConfig:
 def load_text(cfg: TextEncoderConfig):
     """(CLIPTextModel, CLIPTokenizer), frozen."""
     if cfg.openclip_checkpoint:
-        return load_openclip_text_encoder(cfg.openclip_checkpoint, cfg.openclip_model)
+        model, tokenizer = load_openclip_text_encoder(cfg.openclip_checkpoint, cfg.openclip_model)
+        tokenizer.model_max_length = min(cfg.max_length, tokenizer.model_max_length)
+        return model, tokenizer
     if cfg.encoder in TEXT_PRESETS:
         return build_text_encoder(cfg.encoder, seed=cfg.seed), build_tokenizer(cfg.max_length, pad_token=cfg.pad_token)
     model, tokenizer = load_text_encoder(cfg.encoder, pad_token=cfg.pad_token)

@@ -322,13 +322,38 @@ def _load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     return state
 
 
-def load_openclip_text_encoder(checkpoint_path: str | os.PathLike, model_name_or_cfg: str | Mapping,
+def openclip_model_config(model: str | os.PathLike | Mapping) -> dict:
+    """An open_clip model config from an architecture name ("ViT-H-14"), a JSON file, or a dict.
+
+    The JSON file is open_clip's own format: a `model_configs/*.json` file ({"embed_dim",
+    "vision_cfg", "text_cfg", ...}), or an `open_clip_config.json` that holds one under "model_cfg".
+    """
+    if isinstance(model, Mapping):
+        return dict(model)
+    if str(model).endswith(".json") or Path(model).is_file():
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"no open_clip model config at {path}")
+        cfg = json.loads(path.read_text())
+        cfg = cfg.get("model_cfg", cfg)
+        if not isinstance(cfg, dict) or "text_cfg" not in cfg:
+            raise ValueError(f"{path} is not an open_clip model config: no 'text_cfg' (nor 'model_cfg.text_cfg')")
+        return cfg
+    cfg = open_clip.get_model_config(str(model))
+    if cfg is None:
+        raise ValueError(f"unknown open_clip architecture {str(model)!r}; name one of open_clip.list_models() "
+                         f"or give the path of its model config JSON")
+    return cfg
+
+
+def load_openclip_text_encoder(checkpoint_path: str | os.PathLike, model_name_or_cfg: str | os.PathLike | Mapping,
                                layer: Literal["last", "penultimate"] = "penultimate",
                                pad_token: str = "!") -> tuple[CLIPTextModel, CLIPTokenizer]:
     """Load a local open_clip checkpoint's text tower as a CLIPTextModel plus tokenizer.
 
-    `model_name_or_cfg`: an open_clip built-in architecture name ("ViT-H-14") or a model
-    config dict. `layer="penultimate"` is SD-2.x's conditioning; `pad_token="!"` matches
+    `model_name_or_cfg`: an open_clip built-in architecture name ("ViT-H-14"), the path of a
+    model config JSON, or a model config dict (see `openclip_model_config`).
+    `layer="penultimate"` is SD-2.x's conditioning; `pad_token="!"` matches
     `open_clip.tokenize`'s zero padding.
     """
     if layer not in ("last", "penultimate"):
@@ -336,13 +361,7 @@ def load_openclip_text_encoder(checkpoint_path: str | os.PathLike, model_name_or
     path = Path(checkpoint_path)
     if not path.is_file():
         raise FileNotFoundError(f"no OpenCLIP checkpoint at {path}")
-    if isinstance(model_name_or_cfg, str):
-        model_cfg = open_clip.get_model_config(model_name_or_cfg)
-        if model_cfg is None:
-            raise ValueError(f"unknown open_clip architecture {model_name_or_cfg!r}; "
-                             f"pass a model config dict instead")
-    else:
-        model_cfg = model_name_or_cfg
+    model_cfg = openclip_model_config(model_name_or_cfg)
     model = openclip_to_clip_text_model(_load_state_dict(path), model_cfg,
                                         drop_last_layers=1 if layer == "penultimate" else 0)
     return model, build_tokenizer(model.config.max_position_embeddings, pad_token)

@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ldm.config import ConfigError, load_config
 from ldm.data.cache import EncodeConfig
+from ldm.models.text import TEXT_PRESETS
 from ldm.train.ldm import LDMTrainConfig
 from ldm.train.vae import VAETrainConfig
 
@@ -19,14 +21,20 @@ def test_vae_configs_resolve(path):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "encode").glob("*.yaml")), ids=lambda p: p.name)
-def test_encode_configs_resolve(path):
-    assert load_config(EncodeConfig, path).shard_size > 0
+def test_encode_configs_resolve(path, tmp_path):
+    assert load_config(EncodeConfig, path, _earlier_stages(path, tmp_path)).shard_size > 0
+
+
+def _earlier_stages(path, tmp_path) -> list[str]:
+    """Stand-ins for the directories a config reads from earlier stages (here: a trained CLIP)."""
+    text = yaml.safe_load(path.read_text()).get("text", {})
+    return [f"text.encoder={tmp_path}"] if text.get("encoder", "tiny") not in TEXT_PRESETS else []
 
 
 def test_ldm_config_resolves_with_existing_dirs(tmp_path):
     for path in sorted((ROOT / "configs" / "ldm").glob("*.yaml")):
         finetune = [f"model.pretrained={tmp_path}"] if "pretrained:" in path.read_text() else []  # a placeholder path there
-        cfg = load_config(LDMTrainConfig, path, [f"cache={tmp_path}", f"vae={tmp_path}", *finetune])
+        cfg = load_config(LDMTrainConfig, path, [f"cache={tmp_path}", f"vae={tmp_path}", *finetune, *_earlier_stages(path, tmp_path)])
         assert 0 <= cfg.caption_dropout < 1
 
 

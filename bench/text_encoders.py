@@ -55,18 +55,9 @@ def _overrides(args) -> tuple[list[str], list[str]]:
     return train, [f"data.source.size={args.data_size}"] if args.data_size else []
 
 
-def _timed(timings: dict, key: str, done: Path, fn) -> None:
-    """Run fn() unless `done` exists (a finished stage); record its wall time in seconds."""
-    t0 = time.time()
-    if not done.exists():
-        fn()
-        timings[key] = round(time.time() - t0, 1)
-    else:
-        timings.setdefault(key, None)  # finished by an earlier invocation: its time is in the old figures
-
-
 def main(argv=None) -> dict:
     from ldm.data.cache import EncodeConfig, encode_dataset
+    from ldm.demo import run_stage
     from ldm.evaluate import format_scores, prompt_adherence
     from ldm.infer import load_pipeline
     from ldm.train.clip import ClipTrainConfig, train_clip
@@ -83,10 +74,10 @@ def main(argv=None) -> dict:
     clip_dir, vae_dir = out / "clip", out / "vae"
     clip_cfg = load_config(ClipTrainConfig, CONFIGS / "clip" / "shapes_cpu.yaml",
                            [f"out_dir={clip_dir}", *train, *data])
-    _timed(timings, "clip", clip_dir / "eval.json", lambda: train_clip(clip_cfg))
+    run_stage(timings, "clip", clip_dir / "eval.json", lambda: train_clip(clip_cfg))
     vae_cfg = load_config(VAETrainConfig, CONFIGS / "vae" / "shapes_cpu.yaml",
                           [f"out_dir={vae_dir}", *train, *data])
-    _timed(timings, "vae", vae_dir / "vae" / "config.json", lambda: train_vae(vae_cfg))
+    run_stage(timings, "vae", vae_dir / "vae" / "config.json", lambda: train_vae(vae_cfg))
 
     encoders = {"random": "tiny", "trained": str(clip_dir)}
     figures = {"n": args.n, "encoders": encoders, "clip_retrieval": json.loads((clip_dir / "eval.json").read_text())}
@@ -94,12 +85,12 @@ def main(argv=None) -> dict:
         cache_dir, ldm_dir = out / f"latents-{name}", out / f"ldm-{name}"
         enc_cfg = load_config(EncodeConfig, CONFIGS / "encode" / "shapes_cpu.yaml",
                               [f"vae={vae_dir / 'vae'}", f"out_dir={cache_dir}", f"text.encoder={encoder}", *data])
-        _timed(timings, f"encode_{name}", cache_dir / "manifest.json", lambda: encode_dataset(enc_cfg))
+        run_stage(timings, f"encode_{name}", cache_dir / "manifest.json", lambda: encode_dataset(enc_cfg))
         # important: the two U-Nets differ in text.encoder alone (same seed, steps, data order)
         ldm_cfg = load_config(LDMTrainConfig, CONFIGS / "ldm" / "shapes_cpu.yaml",
                               [f"out_dir={ldm_dir}", f"cache={cache_dir}", f"vae={vae_dir / 'vae'}",
                                f"text.encoder={encoder}", *train])
-        _timed(timings, f"ldm_{name}", ldm_dir / "pipeline" / "model_index.json", lambda: train_ldm(ldm_cfg))
+        run_stage(timings, f"ldm_{name}", ldm_dir / "pipeline" / "model_index.json", lambda: train_ldm(ldm_cfg))
 
         t0 = time.time()
         val = ldm_cfg.validation

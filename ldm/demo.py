@@ -23,8 +23,15 @@ from ldm.config import load_config
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _done(path: Path) -> bool:
-    return path.exists()
+def run_stage(timings: dict, key: str, done: Path, fn) -> None:
+    """Run one stage unless `done` exists (an earlier run finished it) and record its wall time
+    in seconds; a finished stage keeps the time recorded before, or None."""
+    t0 = time.time()
+    if done.exists():
+        timings.setdefault(key, None)
+        return
+    fn()
+    timings[key] = round(time.time() - t0, 1)
 
 
 def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = 64, overrides: dict[str, list[str]] | None = None) -> dict:
@@ -39,40 +46,28 @@ def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = 64, overrides:
     timings = {}
     clip_dir, vae_dir, cache_dir, ldm_dir = out / "clip", out / "vae", out / "latents", out / "ldm"
 
-    t0 = time.time()
     clip_cfg = load_config(ClipTrainConfig, CONFIGS / "clip" / f"{preset}.yaml", [f"out_dir={clip_dir}", *overrides.get("clip", [])])
-    if not _done(clip_dir / "text_encoder" / "config.json"):
-        train_clip(clip_cfg)
-    timings["clip_s"] = time.time() - t0
+    run_stage(timings, "clip_s", clip_dir / "text_encoder" / "config.json", lambda: train_clip(clip_cfg))
     text = f"text.encoder={clip_dir}"
 
-    t0 = time.time()
     vae_cfg = load_config(VAETrainConfig, CONFIGS / "vae" / f"{preset}.yaml", [f"out_dir={vae_dir}", *overrides.get("vae", [])])
-    if not _done(vae_dir / "vae" / "config.json"):
-        train_vae(vae_cfg)
-    timings["vae_s"] = time.time() - t0
+    run_stage(timings, "vae_s", vae_dir / "vae" / "config.json", lambda: train_vae(vae_cfg))
 
-    t0 = time.time()
     enc_cfg = load_config(EncodeConfig, CONFIGS / "encode" / f"{preset}.yaml",
                           [f"vae={vae_dir / 'vae'}", f"out_dir={cache_dir}", text, *overrides.get("encode", [])])
-    if not _done(cache_dir / "manifest.json"):
-        encode_dataset(enc_cfg)
-    timings["encode_s"] = time.time() - t0
+    run_stage(timings, "encode_s", cache_dir / "manifest.json", lambda: encode_dataset(enc_cfg))
 
-    t0 = time.time()
     ldm_cfg = load_config(LDMTrainConfig, CONFIGS / "ldm" / f"{preset}.yaml",
                           [f"out_dir={ldm_dir}", f"cache={cache_dir}", f"vae={vae_dir / 'vae'}", text, *overrides.get("ldm", [])])
-    if not _done(ldm_dir / "pipeline" / "model_index.json"):
-        train_ldm(ldm_cfg)
-    timings["ldm_s"] = time.time() - t0
+    run_stage(timings, "ldm_s", ldm_dir / "pipeline" / "model_index.json", lambda: train_ldm(ldm_cfg))
 
     t0 = time.time()
     pipe = load_pipeline(ldm_dir / "pipeline")
     val = ldm_cfg.validation
     sampling = dict(scheduler=val.scheduler, steps=val.steps, guidance_scale=val.guidance_scale, batch_size=32)
     scores = prompt_adherence(pipe, n=n_eval, out_dir=out, **sampling)
-    timings["sample_s"] = time.time() - t0
-    summary = {"adherence": scores, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    timings["sample_s"] = round(time.time() - t0, 1)
+    summary = {"adherence": scores, "timings_s": timings,
                "vae_eval": json.loads((vae_dir / "eval.json").read_text())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     by_size = json.loads((out / "adherence.json").read_text())["by_size"]

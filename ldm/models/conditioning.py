@@ -37,13 +37,12 @@ class TextEncoderConfig:
 
 def load_text(cfg: TextEncoderConfig):
     """(CLIPTextModel, CLIPTokenizer), frozen."""
+    if cfg.encoder in TEXT_PRESETS and not cfg.openclip_checkpoint:
+        return build_text_encoder(cfg.encoder, seed=cfg.seed), build_tokenizer(cfg.max_length, pad_token=cfg.pad_token)
     if cfg.openclip_checkpoint:
         model, tokenizer = load_openclip_text_encoder(cfg.openclip_checkpoint, cfg.openclip_model)
-        tokenizer.model_max_length = min(cfg.max_length, tokenizer.model_max_length)
-        return model, tokenizer
-    if cfg.encoder in TEXT_PRESETS:
-        return build_text_encoder(cfg.encoder, seed=cfg.seed), build_tokenizer(cfg.max_length, pad_token=cfg.pad_token)
-    model, tokenizer = load_text_encoder(cfg.encoder, pad_token=cfg.pad_token)
-    if cfg.max_length != 77:
-        tokenizer.model_max_length = cfg.max_length
+    else:
+        model, tokenizer = load_text_encoder(cfg.encoder, pad_token=cfg.pad_token)
+    # prompts padded to text.max_length, never past the positions the encoder has
+    tokenizer.model_max_length = min(cfg.max_length, tokenizer.model_max_length)
     return model, tokenizer

@@ -329,6 +329,11 @@ def test_presets_are_the_published_sizes():
     assert sum(p.numel() for p in sd15.parameters()) == 859_520_964     # SD-1.5's UNet
     assert sum(p.numel() for p in kl_f8.parameters()) == 83_653_863     # SD's VAE
     assert vae_config("kl-f8", block_out_channels=(8, 16))["down_block_types"] == ("DownEncoderBlock2D",) * 2
+    for name in ("kl-f2", "kl-f4", "kl-f8", "kl-f16"):  # the name is the spatial downsampling factor
+        with torch.device("meta"):
+            vae = AutoencoderKL(**vae_config(name))
+        latent = vae.encoder(torch.zeros(1, 3, 32, 32, device="meta"))
+        assert latent.shape[-1] == 32 // int(name.removeprefix("kl-f")), name
     with pytest.raises(ValueError, match="unknown UNet preset 'sd3'"):
         unet_config("sd3")
     with pytest.raises(ValueError, match=r"\['widht'\]"):

@@ -122,6 +122,17 @@ VAE_PRESETS: dict[str, dict] = {
         "norm_num_groups": 8,
         "sample_size": 64,
     },
+    "kl-f2": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "block_out_channels": (128, 256),
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 256,
+    },
     "kl-f4": {
         "in_channels": 3,
         "out_channels": 3,

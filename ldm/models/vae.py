@@ -22,7 +22,7 @@ from ldm.models.presets import VAE_PRESETS, vae_config
 
 @dataclasses.dataclass
 class VAEModelConfig:
-    preset: str = "kl-f4"                   # kl-f4 | kl-f8 (the SD layout) | kl-f16 | tiny-f4 | tiny-f8
+    preset: str = "kl-f4"                   # kl-f2 | kl-f4 | kl-f8 (the SD layout) | kl-f16 | tiny-f4 | tiny-f8
     pretrained: str = ""                    # a diffusers AutoencoderKL dir (or an SD pipeline dir) to fine-tune
     block_out_channels: list[int] | None = None  # per-level widths; None: the preset's
     latent_channels: int | None = None      # None: the preset's (4)

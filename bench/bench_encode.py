@@ -108,8 +108,8 @@ def max_difference(ours_dir: Path, base_dir: Path) -> float:
 
     from ldm.data.cache import open_cache
 
-    (group,) = open_cache(ours_dir).groups.values()
-    mean = group["mean"][group["items"].argsort()].float()
+    cache = open_cache(ours_dir)
+    mean, _ = cache.posterior(list(range(len(cache))))
     return float((mean - load_file(base_dir / "latents.safetensors")["mean"]).abs().max())
 
 

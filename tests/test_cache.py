@@ -208,6 +208,32 @@ def test_latents_are_fresh_posterior_samples_around_the_stored_mean(reference):
     assert torch.allclose(draws.std(0), want_std, rtol=0.15)
 
 
+def test_a_batch_reads_its_rows_from_the_shards_on_disk(reference, tmp_path):
+    out = Path(shutil.copytree(reference, tmp_path / "latents"))
+    cache = open_cache(out)
+    scale, shift = cache.scaling
+    tensors, records = contents(out)
+    where = {}  # item -> (shard, row of its latent in that shard)
+    for k, name in enumerate(n for n in records if n.startswith("train-")):
+        for row, r in enumerate(tensors[f"{name}:index/8x8"].tolist()):
+            where[k * 48 + r] = (name, row)
+    items = [150, 3, 60, 101, 4, 175]  # four shards, out of order
+    want = torch.stack([tensors[f"{where[i][0]}:mean/8x8"][where[i][1]] for i in items]).float()
+    assert torch.equal(cache.latents(items, mode=True), (want - shift) * scale)
+
+    # Zero shard 2's means in place after opening: the next batch sees the zeros, so the cache
+    # was mapped, not loaded (a cache larger than RAM trains).
+    shard = out / "train-00002.safetensors"
+    with open(shard, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        start, end = json.loads(fh.read(size))["mean/8x8"]["data_offsets"]
+        fh.seek(8 + size + start)
+        fh.write(bytes(end - start))
+    zeroed = cache.latents([101, 3], mode=True)
+    assert torch.equal(zeroed[0], torch.full_like(zeroed[0], -shift * scale))
+    assert torch.equal(zeroed[1], cache.latents([3], mode=True)[0]) and zeroed[1].abs().sum() > 0
+
+
 def test_buckets_share_a_shard_and_flip_stores_the_mirrored_encoding(vae_dir, tmp_path):
     # 3:2, 1:1 and 2:3 images -> buckets 40x24, 32x32, 24x40 px -> latents 6x10, 8x8, 10x6
     sizes = [(48, 32), (32, 32), (32, 48), (48, 32), (32, 32), (32, 48), (48, 32)]

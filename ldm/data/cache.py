@@ -23,7 +23,8 @@ hash, clip_skip, tokenizer padding) so that stage 3 uses it only with the same e
 
 Stage 3 draws z = mean + std * noise afresh every time it sees an image (`mode` uses the mean)
 and applies the manifest's scaling, so one cache serves every epoch without freezing a single
-posterior sample (as DiT's feature extraction does).
+posterior sample (as DiT's feature extraction does). It memory-maps the shards rather than
+loading them (`LatentCache`), so a cache may be larger than RAM.
 
 The manifest records the format version, the VAE weights' hash, its scaling and shift, the
 resolution, bucket, crop and flip settings, the source and a fingerprint of its files, the
@@ -49,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors import safe_open
@@ -436,17 +438,23 @@ def _records(path: Path) -> list[dict]:
 
 
 class LatentCache:
-    """One split of a cache in memory: posterior parameters grouped by latent size + captions."""
+    """One split of a cache: posterior parameters grouped by latent size, and the captions.
+
+    The shards are memory-mapped, not loaded: a batch reads its own rows from disk (or from the
+    page cache), so a cache larger than RAM trains, and the processes of one machine share one
+    copy of the pages instead of holding one each.
+    """
 
     def __init__(self, manifest: dict, groups: dict, captions: list[list[str]], ids: list[str], cache_dir: Path):
+        # groups: "HxW" -> {"items": int64 (n,), "parts": one {field: array} per shard with latents of that size}
         self.manifest, self.groups, self.captions, self.ids = manifest, groups, captions, ids
         self.cache_dir = Path(cache_dir)
         self._text = None  # (open text.safetensors, caption -> row), opened on first use
-        # item i -> (size key, row in that group)
-        self.locate = {}
+        self.locate = {}  # item i -> (size key, part, row in that part)
         for key, g in groups.items():
-            for row, item in enumerate(g["items"].tolist()):
-                self.locate[item] = (key, row)
+            for part, fields in enumerate(g["parts"]):
+                for row, item in enumerate(fields["index"].tolist()):
+                    self.locate[item] = (key, part, row)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -459,24 +467,43 @@ class LatentCache:
         """Items by latent size "HxW": a batch must come from one group."""
         return {key: g["items"].tolist() for key, g in self.groups.items()}
 
-    def latents(self, indices: list[int], generator: torch.Generator | list[torch.Generator] | None = None,
-                mode: bool = False, flip: torch.Tensor | None = None) -> torch.Tensor:
-        """Scaled latents for items of one size: a fresh posterior sample (or, with `mode`, the mean).
+    def posterior(self, indices: list[int], flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored (mean, std), float32 and unscaled, of items of one latent size.
 
         `flip` (bool per item) takes the mirrored image's posterior for the items it marks.
         """
         keys = {self.locate[i][0] for i in indices}
         if len(keys) != 1:
             raise ValueError(f"a batch must come from one latent size, got {sorted(keys)}")
-        g = self.groups[keys.pop()]
-        rows = torch.tensor([self.locate[i][1] for i in indices])
-        mean, std = g["mean"][rows].float(), g["std"][rows].float()
+        parts = self.groups[keys.pop()]["parts"]
+        where = [self.locate[i][1:] for i in indices]
+        mean, std = self._gather(parts, "mean", where), self._gather(parts, "std", where)
         if flip is not None and bool(flip.any()):
-            if "flip_mean" not in g:
+            if "flip_mean" not in parts[0]:
                 raise ValueError(f"flip asked for, but the cache at {self.cache_dir} was encoded with "
                                  "transform.flip=false; re-encode with flip=true, or do not flip")
-            mean = torch.where(flip[:, None, None, None], g["flip_mean"][rows].float(), mean)
-            std = torch.where(flip[:, None, None, None], g["flip_std"][rows].float(), std)
+            mirrored = flip.nonzero().flatten().tolist()
+            mean[mirrored] = self._gather(parts, "flip_mean", [where[k] for k in mirrored])
+            std[mirrored] = self._gather(parts, "flip_std", [where[k] for k in mirrored])
+        return mean, std
+
+    @staticmethod
+    def _gather(parts: list[dict], field: str, where: list[tuple[int, int]]) -> torch.Tensor:
+        """Rows `where` ((part, row) each) of one field, in that order: one read per shard."""
+        rows_of: dict[int, tuple[list[int], list[int]]] = {}
+        for position, (part, row) in enumerate(where):
+            positions, rows = rows_of.setdefault(part, ([], []))
+            positions.append(position)
+            rows.append(row)
+        out = torch.empty((len(where), *parts[where[0][0]][field].shape[1:]))
+        for part, (positions, rows) in rows_of.items():
+            out[positions] = _as_tensor(parts[part][field][rows]).float()
+        return out
+
+    def latents(self, indices: list[int], generator: torch.Generator | list[torch.Generator] | None = None,
+                mode: bool = False, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled latents for items of one size: a fresh posterior sample (or, with `mode`, the mean)."""
+        mean, std = self.posterior(indices, flip)
         z = mean if mode else mean + std * randn_tensor(mean.shape, generator=generator)  # a list: item i from generator i
         scale, shift = self.scaling
         return (z - shift) * scale
@@ -504,6 +531,34 @@ class LatentCache:
         return torch.stack([rows[row_of[c] : row_of[c] + 1][0] for c in captions]).float()
 
 
+_NUMPY = {"F16": np.float16, "F32": np.float32, "I64": np.int64}  # the safetensors dtypes a shard holds
+
+
+def map_safetensors(path: str | Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """(metadata, tensors) of a safetensors file, the tensors as read-only views of one memory map.
+
+    Nothing is read until an array is indexed; `_as_tensor(array[rows])` copies just those rows.
+    """
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    metadata = header.pop("__metadata__", {})
+    mapped = np.memmap(path, dtype=np.uint8, mode="r") if header else None
+    arrays = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        if info["dtype"] not in _NUMPY:
+            raise ValueError(f"{path}: tensor {name!r} is {info['dtype']}; a cache shard holds {', '.join(_NUMPY)}")
+        dtype = np.dtype(_NUMPY[info["dtype"]])
+        array = np.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + size + start)
+        arrays[name] = array.reshape(info["shape"])
+    return metadata, arrays
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.require(array, requirements=["C", "W"]))  # copies a view of the (read-only) map
+
+
 def read_manifest(cache_dir: str | Path) -> dict:
     path = Path(cache_dir) / MANIFEST
     if not path.exists():
@@ -514,7 +569,7 @@ def read_manifest(cache_dir: str | Path) -> dict:
 
 
 def open_cache(cache_dir: str | Path, split: str = "train", expect: dict | None = None) -> LatentCache:
-    """Load a split; with `expect` (e.g. {"vae_hash": ...}), refuse a cache that differs."""
+    """Open a split (memory-mapped); with `expect` (e.g. {"vae_hash": ...}), refuse a cache that differs."""
     manifest = read_manifest(cache_dir)
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CacheMismatchError(
@@ -529,19 +584,20 @@ def open_cache(cache_dir: str | Path, split: str = "train", expect: dict | None 
                 "or point the run at the matching cache.")
     if split not in manifest["splits"]:
         raise ValueError(f"split {split!r} is not in the cache at {cache_dir}; it has {sorted(manifest['splits'])}")
-    parts: dict[str, dict[str, list]] = {}
+    groups: dict[str, dict] = {}
     captions, ids = [], []
     for name in manifest["splits"][split]["shards"]:
-        offset = len(captions)
-        with safe_open(str(Path(cache_dir) / name), "pt") as f:
-            records = json.loads(f.metadata()["records"])
-            for key in f.keys():
-                field, size = key.split("/")
-                tensor = f.get_tensor(key)
-                if field == "index":
-                    tensor = tensor + offset
-                parts.setdefault(size, {}).setdefault(field, []).append(tensor)
+        metadata, arrays = map_safetensors(Path(cache_dir) / name)
+        by_size: dict[str, dict] = {}
+        for key, array in arrays.items():
+            field, size = key.split("/")
+            by_size.setdefault(size, {})[field] = array
+        for size, fields in by_size.items():
+            fields["index"] = _as_tensor(fields["index"]) + len(captions)  # small: read now, as item numbers
+            groups.setdefault(size, {"parts": []})["parts"].append(fields)
+        records = json.loads(metadata["records"])
         captions += [r["captions"] for r in records]
         ids += [r["id"] for r in records]
-    groups = {size: {("items" if k == "index" else k): torch.cat(v) for k, v in fields.items()} for size, fields in parts.items()}
+    for g in groups.values():
+        g["items"] = torch.cat([fields["index"] for fields in g["parts"]])
     return LatentCache(manifest, groups, captions, ids, Path(cache_dir))

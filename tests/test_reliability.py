@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import pickle
 import random
 import shutil
@@ -187,7 +186,8 @@ def test_a_full_disk_while_saving_leaves_the_previous_checkpoint(vae_reference, 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(latents, tmp_path, monkeypatch):
     """Losses are NaN from step 3 on: steps 3 and 4 are skipped and counted, the third NaN in a
-    row (max_nonfinite_steps=3) stops the run, and checkpoint 4 holds the weights of step 2."""
+    row (max_nonfinite_steps=3) stops the run, and checkpoint 4 holds the weights of step 2. The
+    checkpoint keeps the counts: a resumed run goes on counting."""
     run = tmp_path / "run"
     real_loss, calls = train_ldm_module.diffusion_loss, []
 
@@ -209,6 +209,17 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(latents, tmp_path, monke
         assert torch.equal(tensor, good[name]), name  # the NaN steps did not touch the weights
     adam = torch.load(run / "checkpoints" / "step-4" / "optimizer.bin", weights_only=True)["state"]
     assert {int(s["step"]) for s in adam.values()} == {2}
+
+    # Re-running the same command resumes at step 4 with two NaNs already in a row: the next one
+    # is the third, and the run stops before writing another checkpoint.
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        train_ldm(cfg)
+    assert [p.name for p in list_checkpoints(run)] == ["step-1", "step-2", "step-3", "step-4"]
+    # Finite losses again (a lower lr, say): the count of skipped steps goes on from the checkpoint.
+    monkeypatch.setattr(train_ldm_module, "diffusion_loss", real_loss)
+    train_ldm(cfg)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["step"], line["skipped"]) for line in lines if "skipped" in line][4:] == [(s, 2) for s in range(5, 9)]
 
 
 # ----------------------------------------------------------------------------- configs

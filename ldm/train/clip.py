@@ -40,8 +40,8 @@ from ldm.config import config_json, require
 from ldm.data.captions import process_caption
 from ldm.data.images import DataConfig, ImageStore, load_images
 from ldm.models.text import EOS_TOKEN, build_tokenizer, load_text_encoder, openclip_to_clip_text_model
-from ldm.train.common import (register_schedule, LoopConfig, NonFiniteGuard, batch_indices, load_checkpoint, lr_lambda,
-                              make_accelerator, make_optimizer, resolve_resume, save_checkpoint, start_run)
+from ldm.train.common import (register_schedule, LoopConfig, batch_indices, lr_lambda,
+                              make_accelerator, make_optimizer, resume, save_checkpoint, start_run)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP paper sec. 2.5: the temperature is clipped so logits scale by <= 100
 
@@ -140,15 +140,10 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     register_schedule(accelerator, sched)
     clip = accelerator.unwrap_model(model)
 
-    step = 0
-    resume_from = resolve_resume(out_dir, cfg.resume)
-    if resume_from is not None:
-        step = load_checkpoint(accelerator, resume_from)["step"]
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+    step, guard = resume(accelerator, out_dir, cfg.resume, loop.max_nonfinite_steps)
     # important: the data order is a function of (seed, step) only, so a resumed run sees
     # the batches it would have seen; so is the choice among an image's captions.
     batches = batch_indices(len(train_set), loop.batch_size, loop.seed, step)
-    guard = NonFiniteGuard(loop.max_nonfinite_steps)
 
     progress = tqdm(total=loop.steps, initial=step, desc="clip", disable=not accelerator.is_local_main_process)
     while step < loop.steps:
@@ -178,9 +173,9 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
             results = retrieval(*_features(clip, tokenizer, eval_set, cfg.retrieval_candidates))
             log.write(step, **{f"eval/{k}": v for k, v in results.items()})
         if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
-            save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit)
+            save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
     progress.close()
-    save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit)
+    save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
 
     # --- export, then evaluate what was exported (so eval.json speaks for the files on disk)
     if accelerator.is_main_process:

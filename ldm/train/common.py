@@ -257,6 +257,17 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def resume(accelerator: Accelerator, out_dir: Path, resume_from: str, limit: int) -> tuple[int, NonFiniteGuard]:
+    """(step, non-finite guard) from the checkpoint `resume_from` names (see `resolve_resume`), or
+    (0, a fresh guard) when there is none. The guard keeps counting the steps it skipped before."""
+    path = resolve_resume(out_dir, resume_from)
+    if path is None:
+        return 0, NonFiniteGuard(limit)
+    state = load_checkpoint(accelerator, path)
+    accelerator.print(f"resumed from {path} at step {state['step']}")
+    return state["step"], NonFiniteGuard(limit, **state.get("nonfinite", {}))
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
     _check_rng_state(accelerator, path)
     with _custom_objects_hidden(accelerator) as objects:
@@ -389,8 +400,12 @@ def uniform(generators: list[torch.Generator]) -> torch.Tensor:
 class NonFiniteGuard:
     """Counts consecutive non-finite losses; the caller skips those steps."""
 
-    def __init__(self, limit: int):
-        self.limit, self.in_a_row, self.total = limit, 0, 0
+    def __init__(self, limit: int, in_a_row: int = 0, total: int = 0):
+        self.limit, self.in_a_row, self.total = limit, in_a_row, total
+
+    def state(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run counts on (`resume`)."""
+        return {"nonfinite": {"in_a_row": self.in_a_row, "total": self.total}}
 
     def ok(self, loss: torch.Tensor) -> bool:
         if _finite_everywhere(loss):

@@ -39,8 +39,8 @@ from ldm.models.text import encode_prompts
 from ldm.models.unet import FinetuneSource, UNetModelConfig, build_unet, downsampling, finetune_source
 from ldm.models.vae import load_vae, weights_hash
 from ldm.sampling import decode_latents, denoise, initial_noise, make_scheduler, seeded_generators
-from ldm.train.common import (LoopConfig, NonFiniteGuard, load_checkpoint, lr_lambda, make_accelerator, make_optimizer,
-                              register_schedule, resolve_resume, sample_generators, save_checkpoint, start_run, uniform)
+from ldm.train.common import (LoopConfig, lr_lambda, make_accelerator, make_optimizer,
+                              register_schedule, resume, sample_generators, save_checkpoint, start_run, uniform)
 from ldm.train.vae import swapped_ema
 
 DEFAULT_VAE = "runs/vae/vae"  # stage 1's output under the default run directory
@@ -183,14 +183,9 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     validate = Validator(cfg, vae, text_encoder, tokenizer, held_out, latent_hw, out_dir, log)
 
     # --- resume: the step fixes the data position and every random draw after it
-    step = 0
-    resume_from = resolve_resume(out_dir, cfg.resume)
-    if resume_from is not None:
-        step = load_checkpoint(accelerator, resume_from)["step"]
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+    step, guard = resume(accelerator, out_dir, cfg.resume, loop.max_nonfinite_steps)
     rank, world = accelerator.process_index, accelerator.num_processes
     batches = size_batches(cache.size_groups(), loop.batch_size, loop.seed, step * loop.grad_accum, rank, world)
-    guard = NonFiniteGuard(loop.max_nonfinite_steps)
 
     progress = tqdm(total=loop.steps, initial=step, desc="unet", disable=not accelerator.is_local_main_process)
     while step < loop.steps:
@@ -225,9 +220,9 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
             with swapped_ema(ema, accelerator.unwrap_model(unet)):
                 validate(accelerator.unwrap_model(unet), noise_scheduler, step)
         if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
-            save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit)
+            save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
     progress.close()
-    save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit)
+    save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
 
     # --- export: the EMA weights, in a directory diffusers loads as it is
     if accelerator.is_main_process:

@@ -22,8 +22,8 @@ from ldm.losses import VAELoss, VAELossConfig
 from ldm.metrics import default_inception_path, inception_features, reconstruction_metrics
 from ldm.models.vae import (VAEModelConfig, build_vae, downsample_factor, measure_latent_scale,
                             set_latent_scale)
-from ldm.train.common import (register_schedule, LoopConfig, NonFiniteGuard, batch_indices, load_checkpoint, lr_lambda,
-                              make_accelerator, make_optimizer, resolve_resume, save_checkpoint, start_run)
+from ldm.train.common import (register_schedule, LoopConfig, batch_indices, lr_lambda,
+                              make_accelerator, make_optimizer, resume, save_checkpoint, start_run)
 
 
 @dataclasses.dataclass
@@ -106,14 +106,9 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
         accelerator.register_for_checkpointing(ema)
 
     # --- resume: re-running the same command continues from the newest complete checkpoint
-    step = 0
-    resume_from = resolve_resume(out_dir, cfg.resume)
-    if resume_from is not None:
-        step = load_checkpoint(accelerator, resume_from)["step"]
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+    step, guard = resume(accelerator, out_dir, cfg.resume, loop.max_nonfinite_steps)
     batches = batch_indices(len(train_set), loop.batch_size, loop.seed, step * loop.grad_accum,
                             accelerator.process_index, accelerator.num_processes)
-    guard = NonFiniteGuard(loop.max_nonfinite_steps)
     last_layer = vae.decoder.conv_out.weight
 
     progress = tqdm(total=loop.steps, initial=step, desc="vae", disable=not accelerator.is_local_main_process)
@@ -155,9 +150,9 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
                 results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg, features)
             log.write(step, **{f"eval/{k}": v for k, v in results.items()})
         if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
-            save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit)
+            save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
     progress.close()
-    save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit)
+    save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
 
     # --- export: EMA weights, latent scale measured on training data, held-out evaluation
     if accelerator.is_main_process:

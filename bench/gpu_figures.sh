@@ -8,7 +8,7 @@
 # Writes $OUT/<part>.json (each bench's figures under its name; default OUT=out/gpu) and
 # $OUT/<part>.log. A bench that fails or outruns its time limit is recorded in both, and the next
 # one still runs. On a machine without diffusers or open_clip, run bench/gpu_wheels.sh where pip
-# works and bring .whl/ along: this installs them into /tmp/site first. TINY=1 runs the same at
+# works and bring .whl/ along: where they are missing, this installs them into /tmp/site first. TINY=1 runs the same at
 # CPU size (a dry run of the script itself).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ part=${1:?"which part: sample | train | ablation"}
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-if compgen -G ".whl/*.whl" >/dev/null; then
+if ! $PY -c "import diffusers, open_clip" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
@@ -36,8 +36,10 @@ bench() {  # bench NAME SECONDS SCRIPT ARGS...: one bench under a time limit
   echo "== $name: $*" >>"$log"
   timeout --kill-after=10 "$limit" $PY "$@" "${tiny[@]}" --json "$each/$name.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" >>"$log"
   local rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc after $((SECONDS - t0)) s" >>"$log"
-  [[ $rc == 0 ]] || echo "{\"error\": \"exit $rc after $((SECONDS - t0)) s (124: over its $limit s)\"}" >"$each/$name.json"
+  local why="exit $rc after $((SECONDS - t0)) s"
+  [[ $rc == 124 || $rc == 137 ]] && why+=", over its limit of $limit s"
+  echo "== $name: $why" >>"$log"
+  [[ $rc == 0 ]] || echo "{\"error\": \"$why\"}" >"$each/$name.json"
 }
 
 case $part in

@@ -37,20 +37,24 @@ def test_bench_train_prints_both_sides_and_the_ratio(tmp_path):
     assert "images/s" in stdout and "ratio" in stdout
 
 
-def test_bench_sample_prints_both_sides_and_the_ratio_per_batch_size(tmp_path):
-    figures, stdout = run_bench("bench_sample.py", tmp_path, "--steps", "3", "--repeats", "1")
+def test_gpu_figures_script_runs_sampling_and_encoding_into_one_file(tmp_path):
+    """bench/gpu_figures.sh sample at CPU size (TINY=1): bench_sample.py and bench_encode.py, each
+    under its time limit, their figures merged into one JSON and their output into one log."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TINY": "1", "PY": sys.executable, "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(BENCH / "gpu_figures.sh"), "sample"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads((tmp_path / "sample.json").read_text())
+    assert sorted(figures) == ["encode", "sample"]
     for batch in (1, 4):
-        row = figures[f"batch_{batch}"]
+        row = figures["sample"][f"batch_{batch}"]
         assert positive(row["baseline_s_per_image"], row["ours_s_per_image"], row["ratio"])
         assert row["max_image_difference"] < 1e-4  # the same images: both sides did the same work
-        assert f"batch {batch}: StableDiffusionPipeline" in stdout
-    assert "ratio" in stdout
-
-
-def test_bench_encode_prints_both_sides_and_the_ratio(tmp_path):
-    figures, stdout = run_bench("bench_encode.py", tmp_path, "--images", "64", "--repeats", "1")
-    assert positive(figures["baseline_images_per_s"], figures["ours_images_per_s"], figures["ratio"])
-    assert "ratio" in stdout
+    encode = figures["encode"]
+    assert positive(encode["baseline_images_per_s"], encode["ours_images_per_s"], encode["ratio"])
+    log = (tmp_path / "sample.log").read_text()
+    assert "batch 4: StableDiffusionPipeline" in log and "ldm encode" in log
+    assert "== sample: exit 0" in log and "== encode: exit 0" in log
 
 
 def test_bench_train_memory_mode_reports_every_row(tmp_path):

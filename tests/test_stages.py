@@ -96,3 +96,29 @@ def test_demo_runs_end_to_end_and_scores(stages, tmp_path):
     assert all(torch.equal(exported[k], v) for k, v in clip_tower.items() if k in exported)
     assert {k for k in clip_tower if k in exported} and pipe.text_encoder.config.hidden_size == 32
     assert (tmp_path / "adherence-grid.png").exists() and (tmp_path / "summary.json").exists()
+
+
+def test_the_gpu_configs_chain_at_cpu_size(tmp_path):
+    """configs/*/shapes_gpu.yaml with their models as they are (kl-f8 VAE, "small" U-Net, the
+    larger CLIP), only the data, steps, batches and precision cut to CPU size: every stage's
+    output fits the next (latent channels, cross-attention width, the text tower)."""
+    data = ["data.source.size=16", "data.source.resolution=64", "data.transform.resolution=64", "data.eval_size=4"]
+    small = ["train.steps=2", "train.batch_size=2", "train.warmup_steps=0", "train.mixed_precision=no"]
+    overrides = {
+        "clip": [*data, "train.steps=2", "train.batch_size=8", "train.warmup_steps=0", "train.mixed_precision=no",
+                 "retrieval_candidates=4"],
+        "vae": [*data, *small, "crop_size=0", "train.num_workers=0", "train.eval_every=0", "train.save_every=0",
+                "loss.disc_start=1"],
+        "encode": [*data, "batch_size=4"],
+        "ldm": [*small, "train.eval_every=0", "train.save_every=0", "validation.steps=2", "validation.seeds=[0]"],
+    }
+    summary = run_demo(tmp_path, preset="shapes_gpu", n_eval=2, overrides=overrides)
+    assert set(summary["adherence"]) >= {"color", "shape", "size", "position", "background"}
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "ldm" / "pipeline")
+    assert pipe.vae.config.block_out_channels == [64, 128, 256, 256]  # kl-f8: 64 px -> 8x8 latents
+    assert list(pipe.unet.config.block_out_channels) == [128, 256, 256]  # the "small" preset
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 256  # the GPU CLIP's text width
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    out = generate(load_pipeline(tmp_path / "ldm" / "pipeline"), ["a small blue star at the top, on a black background"],
+                   seeds=[0], steps=2)
+    assert out[0]["image"].size == (64, 64)

@@ -21,6 +21,7 @@ from pathlib import Path
 from ldm.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+N_EVAL = 128  # prompts scored at the end (a steadier score than 64 gave)
 
 
 def run_stage(timings: dict, key: str, done: Path, fn) -> None:
@@ -34,7 +35,7 @@ def run_stage(timings: dict, key: str, done: Path, fn) -> None:
     timings[key] = round(time.time() - t0, 1)
 
 
-def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = 128, overrides: dict[str, list[str]] | None = None) -> dict:
+def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = N_EVAL, overrides: dict[str, list[str]] | None = None) -> dict:
     from ldm.data.cache import EncodeConfig, encode_dataset
     from ldm.evaluate import format_scores, prompt_adherence
     from ldm.infer import load_pipeline
@@ -81,6 +82,6 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Train CLIP and VAE, cache latents, train the U-Net, sample and score, on shapes.")
     parser.add_argument("--out", default="runs/demo", help="run directory")
     parser.add_argument("--preset", default="shapes_cpu", help="config name in configs/{vae,encode,ldm}/")
-    parser.add_argument("--n-eval", type=int, default=128, help="prompts for the adherence score")
+    parser.add_argument("--n-eval", type=int, default=N_EVAL, help="prompts for the adherence score")
     args = parser.parse_args(argv)
     run_demo(Path(args.out), args.preset, args.n_eval)

@@ -9,6 +9,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import yaml
 from open_clip.tokenizer import basic_clean
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -318,8 +319,10 @@ def test_stage3_export_with_an_openclip_text_encoder_is_an_sd2_style_diffusers_p
     model = _random_openclip()
     checkpoint, model_json = _save_openclip_training_checkpoint(model, tmp_path)
     # What a user writes: stage 3 with text.openclip_checkpoint / text.openclip_model, then its export.
-    train_ldm(ldm_cfg(tmp_path / "run", latents, f"text.openclip_checkpoint={checkpoint}",
+    train_ldm(ldm_cfg(tmp_path / "run", latents, "text.encoder=", f"text.openclip_checkpoint={checkpoint}",
                       f"text.openclip_model={model_json}", "train.steps=1", "train.save_every=0"))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["text"]
+    assert saved["openclip_checkpoint"] == str(checkpoint) and saved["encoder"] == ""  # not a preset it never used
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", local_files_only=True)
     assert isinstance(pipe.text_encoder, CLIPTextModel) and pipe.text_encoder.config.num_hidden_layers == 2
     assert isinstance(pipe.tokenizer, CLIPTokenizer) and pipe.tokenizer.pad_token_id == 0
@@ -352,6 +355,8 @@ def test_openclip_text_config_names_its_architecture_by_json_and_keeps_max_lengt
     hub_cfg = TextEncoderConfig(openclip_checkpoint=str(checkpoint), openclip_model=str(hub_json))
     assert load_text(hub_cfg)[0].config.hidden_size == 48
     from ldm.config import ConfigError
+    with pytest.raises(ConfigError, match="text.encoder='sd2' and text.openclip_checkpoint are both set"):
+        TextEncoderConfig(encoder="sd2", openclip_checkpoint=str(checkpoint), openclip_model=str(model_json)).validate()
     for name, message in (("ViT-Nope", "unknown open_clip architecture"),
                           (str(tmp_path / "missing.json"), "no open_clip model config")):
         with pytest.raises(ConfigError, match=message):

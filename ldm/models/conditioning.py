@@ -14,7 +14,8 @@ from ldm.models.text import (EOS_TOKEN, TEXT_PRESETS, build_text_encoder, build_
 class TextEncoderConfig:
     encoder: str = "tiny"          # a preset (tiny|small|sd15|sd2: random init, frozen) or a local CLIPTextModel /
                                    # SD pipeline / trained-CLIP directory (train_clip.py output)
-    openclip_checkpoint: str = ""  # a local open_clip checkpoint (SD-2.x style); converted to a CLIPTextModel
+    openclip_checkpoint: str = ""  # a local open_clip checkpoint (SD-2.x style); converted to a CLIPTextModel.
+                                   # Set, it replaces `encoder` (leave that unset)
     openclip_model: str = "ViT-H-14"  # its architecture: an open_clip model name, or the path of its model config JSON
     clip_skip: int = 0             # 0: last layer; k: k layers before the last (+ final LayerNorm)
     seed: int = 0                  # init seed of a preset encoder
@@ -25,6 +26,8 @@ class TextEncoderConfig:
         require(self.clip_skip >= 0, "text.clip_skip must be >= 0")
         require(2 <= self.max_length <= 77, f"text.max_length must be in [2, 77], got {self.max_length}")
         if self.openclip_checkpoint:
+            require(self.encoder in ("", type(self).encoder),
+                    f"text.encoder={self.encoder!r} and text.openclip_checkpoint are both set; set one of them")
             require(Path(self.openclip_checkpoint).is_file(), f"text.openclip_checkpoint: no such file {self.openclip_checkpoint!r}")
             try:
                 openclip_model_config(self.openclip_model)

@@ -112,7 +112,8 @@ def fill_unset(cfg: LDMTrainConfig) -> None:
     pretrained = cfg.model.pretrained
     source = finetune_source(pretrained) if pretrained and Path(pretrained).is_dir() else FinetuneSource("")
     cfg.vae = cfg.vae or source.vae or DEFAULT_VAE
-    cfg.text.encoder = cfg.text.encoder or source.text_encoder or "tiny"
+    if not cfg.text.openclip_checkpoint:  # else that is the text encoder, and config.yaml says so alone
+        cfg.text.encoder = cfg.text.encoder or source.text_encoder or "tiny"
     if cfg.text.clip_skip is None:
         cfg.text.clip_skip = source.clip_skip or 0
     fill_schedule(cfg.noise, schedule_of(source.scheduler, source.scheduler_file) if source.scheduler else None)
@@ -123,7 +124,8 @@ def finetune_report(cfg: LDMTrainConfig) -> list[str]:
     source = finetune_source(cfg.model.pretrained)
     lines = [f"fine-tuning the U-Net of {source.path}"]
     for what, sub, used, offered in (("vae", "vae", cfg.vae, source.vae),
-                                     ("text encoder", "text_encoder", cfg.text.encoder, source.text_encoder)):
+                                     ("text encoder", "text_encoder", cfg.text.openclip_checkpoint or cfg.text.encoder,
+                                      source.text_encoder)):
         if offered is None:
             lines.append(f"  {what}: {used} (model.pretrained has none)")
         elif _component_dir(used, sub) == _component_dir(offered, sub):

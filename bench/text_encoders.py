@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prompt adherence of a U-Net conditioned on our trained CLIP text tower vs a random frozen one.
 
-    python bench/text_encoders.py --out runs/text_encoders              # the CPU demo configs (~50 min, one core)
+    python bench/text_encoders.py --out runs/text_encoders              # the CPU demo configs (~40 min, one core)
     python bench/text_encoders.py --out /tmp/te --steps 20 --n 8        # a quick run: every stage, few steps
 
 Not a speed benchmark: it measures what issue #6 asks of a trained text encoder. On the embedded

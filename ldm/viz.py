@@ -298,19 +298,34 @@ def numeric_keys(records: list[dict]) -> list[str]:
 
 
 def smooth(values: np.ndarray, weight: float) -> np.ndarray:
-    """Bias-corrected exponential moving average (as TensorBoard's smoothing slider): early
-    points are not pulled towards zero."""
-    out, avg = np.empty_like(values), 0.0
-    for i, v in enumerate(values):
-        avg = weight * avg + (1 - weight) * v
-        out[i] = avg / (1 - weight ** (i + 1))
+    """A centred moving average of as many points as an exponential moving average of this
+    weight averages ((1 + weight) / (1 - weight): 19 at 0.9, TensorBoard's slider scale).
+
+    TensorBoard's one-sided average lags by half that: on a loss that falls fast the smoothed
+    curve runs above every point it smooths, and its last point is an old value. A centred window
+    has no lag; near the ends, where it does not fit, a straight line fitted through the points
+    that are there takes its place, so a trend is followed to the last point.
+    """
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    half = min(int((1 + weight) / (2 * (1 - weight)) + 1e-9), (n - 1) // 2) if 0 < weight < 1 else 0
+    if half < 1:
+        return values.copy()
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    middle = np.arange(half, n - half)
+    out = np.empty(n)
+    out[half : n - half] = (sums[middle + half + 1] - sums[middle - half]) / (2 * half + 1)
+    x = np.arange(n)
+    for i in [*range(half), *range(n - half, n)]:
+        lo, hi = max(0, i - half), min(n, i + half + 1)
+        out[i] = np.polyfit(x[lo:hi] - i, values[lo:hi], 1)[1]  # the line's value at point i
     return out
 
 
 def curves_figure(runs: dict[str, list[dict]], keys: list[str] | None = None, smoothing: float = 0.9) -> Figure:
     """Training curves of one or more runs (label -> records), one panel per metric group.
 
-    Train-time series are drawn faint as logged and solid smoothed; sparse series (evaluations)
+    Train-time series are drawn faint as logged and solid smoothed (without lag, see `smooth`); sparse series (evaluations)
     as markers. Positive losses use a log axis, where their late, slow decrease is visible.
     """
     if keys is not None:
@@ -361,7 +376,11 @@ def _draw_series(ax, steps: np.ndarray, values: np.ndarray, smoothing: float, co
         ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, color=color, label=label)
         return
     ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-    ax.plot(steps, smooth(values, smoothing), color=color, label=label)
+    # a positive series (a loss) is smoothed in log space, as a log axis shows it: one spike then
+    # lifts the curve by its factor, not by its height
+    log = bool(np.all(values > 0))
+    smoothed = np.exp(smooth(np.log(values), smoothing)) if log else smooth(values, smoothing)
+    ax.plot(steps, smoothed, color=color, label=label)
 
 
 # ----------------------------------------------------------------------------- output
@@ -487,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("curves", help="training curves from one or more metrics.jsonl files")
     c.add_argument("metrics", nargs="+", help="metrics.jsonl files (several: overlaid, labelled by run dir)")
     c.add_argument("--keys", help="comma-separated keys to plot (default: all but step/time/skipped/final/*)")
-    c.add_argument("--smoothing", type=float, default=0.9, help="EMA weight for dense series, 0 disables")
+    c.add_argument("--smoothing", type=float, default=0.9, help="dense series: a centred window of as many points as an EMA of this weight averages (0.9: 19); 0 disables")
     c.add_argument("--out", default="curves.png")
     c.set_defaults(run=_curves_command)
     return p

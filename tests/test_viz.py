@@ -164,10 +164,18 @@ def test_metric_panels_group_losses_and_drop_bookkeeping(tmp_path):
     assert metric_panels(records, ["final/psnr"]) == {"final/psnr": ["final/psnr"]}
 
 
-def test_smooth_is_bias_corrected():
-    np.testing.assert_allclose(smooth(np.full(10, 3.0), 0.9), 3.0)   # no pull towards 0 at the start
+def test_smooth_is_centred_and_follows_a_trend_to_the_ends():
+    np.testing.assert_allclose(smooth(np.full(10, 3.0), 0.9), 3.0)   # no pull towards 0 at either end
     stepped = smooth(np.r_[np.zeros(50), np.ones(200)], 0.9)
-    assert stepped[49] == 0 and 0 < stepped[55] < 1 and stepped[-1] == pytest.approx(1, abs=1e-6)
+    assert stepped[0] == pytest.approx(0, abs=1e-9) and stepped[-1] == pytest.approx(1, abs=1e-9)
+    assert stepped[49] < 0.5 < stepped[50]  # the step stays where it is: centred, not 9 points late
+    assert stepped[40] == 0 and stepped[59] == 1 and stepped[41] > 0  # 19 points: 9 either side at weight 0.9
+    # a loss decaying as the demo's does, logged 70 times, smoothed as the curves smooth it (in log space)
+    falling = np.exp(-np.linspace(0, 5, 70))
+    np.testing.assert_allclose(np.exp(smooth(np.log(falling), 0.9)), falling, rtol=1e-9)  # to the last point
+    noisy = np.log(falling) + np.random.default_rng(0).normal(0, 0.3, 70)
+    assert np.std(smooth(noisy, 0.9) - np.log(falling)) < 0.5 * np.std(noisy - np.log(falling))
+    assert np.array_equal(smooth(noisy, 0.0), noisy)
 
 
 def test_curves_figure_overlays_runs_and_ignores_nan(tmp_path):

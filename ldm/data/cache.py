@@ -43,6 +43,7 @@ import glob
 import hashlib
 import json
 import math
+import mmap
 import os
 import queue
 import threading
@@ -543,7 +544,12 @@ def map_safetensors(path: str | Path) -> tuple[dict[str, str], dict[str, np.ndar
         size = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(size))
     metadata = header.pop("__metadata__", {})
-    mapped = np.memmap(path, dtype=np.uint8, mode="r") if header else None
+    mapped = None
+    if header:
+        with open(path, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+            mapped.madvise(mmap.MADV_WILLNEED)  # the OS reads ahead in the background: warm pages by the time batches come
     arrays = {}
     for name, info in header.items():
         start, end = info["data_offsets"]

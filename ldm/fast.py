@@ -10,7 +10,7 @@ checkpoints, `save_pretrained` and `accelerator.unwrap_model` see the model they
 bench/bench_sample.py (`--ablation`); bench/README.md has the figures.
 
 The other fast paths live where their work is: bf16 (`train.mixed_precision=bf16`; inference
-loads in bf16 on CUDA), fused AdamW (`ldm.train.common.make_optimizer`, on CUDA), the latent and
+loads in bf16 on CUDA), fused AdamW (`ldm.train.common.make_optimizer`, CUDA and CPU), the latent and
 text-embedding caches (`ldm.data.cache`), one batched forward for classifier-free guidance
 (`ldm.sampling.denoise`).
 

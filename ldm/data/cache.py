@@ -543,13 +543,10 @@ def map_safetensors(path: str | Path) -> tuple[dict[str, str], dict[str, np.ndar
     with open(path, "rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(size))
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_WILLNEED"):  # Linux, macOS: the OS reads the file ahead in the background
+        mapped.madvise(mmap.MADV_WILLNEED)
     metadata = header.pop("__metadata__", {})
-    mapped = None
-    if header:
-        with open(path, "rb") as fh:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
-            mapped.madvise(mmap.MADV_WILLNEED)  # the OS reads ahead in the background: warm pages by the time batches come
     arrays = {}
     for name, info in header.items():
         start, end = info["data_offsets"]

@@ -8,8 +8,8 @@
 # Writes $OUT/<part>.json (each bench's figures under its name; default OUT=out/gpu) and
 # $OUT/<part>.log. A bench that fails or outruns its time limit is recorded in both, and the next
 # one still runs. On a machine without diffusers or open_clip, run bench/gpu_wheels.sh where pip
-# works and bring .whl/ along: where they are missing, this installs them into /tmp/site first. TINY=1 runs the same at
-# CPU size (a dry run of the script itself).
+# works and bring .whl/ along: where they are missing, this installs them into /tmp/site first.
+# TINY=1 runs the same at CPU size (a dry run of the script itself).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?"which part: sample | train | ablation"}

@@ -6,8 +6,9 @@
 Each stage is the same library call its CLI makes, with the config files in configs/. The
 U-Net is conditioned on the text tower of a CLIP trained first on the same captions: against a
 random frozen encoder it lifts colour from 78% to 98% and background from 71% to 100%
-(bench/text_encoders.py). The run ends with a grid for fixed prompts and the analyzer's prompt-adherence scores. Re-running
-the same command resumes an interrupted stage and skips finished ones.
+(bench/text_encoders.py). The run ends with a grid for fixed prompts and the analyzer's
+prompt-adherence scores. Re-running the same command resumes an interrupted stage and skips
+finished ones.
 """
 
 from __future__ import annotations

@@ -325,8 +325,8 @@ def smooth(values: np.ndarray, weight: float) -> np.ndarray:
 def curves_figure(runs: dict[str, list[dict]], keys: list[str] | None = None, smoothing: float = 0.9) -> Figure:
     """Training curves of one or more runs (label -> records), one panel per metric group.
 
-    Train-time series are drawn faint as logged and solid smoothed (without lag, see `smooth`); sparse series (evaluations)
-    as markers. Positive losses use a log axis, where their late, slow decrease is visible.
+    Train-time series are drawn faint as logged and solid smoothed (without lag, see `smooth`);
+    sparse series (evaluations) as markers. Positive losses use a log axis, where their late, slow decrease is visible.
     """
     if keys is not None:
         missing = [k for k in keys if not any(k in numeric_keys(records) for records in runs.values())]
@@ -506,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("curves", help="training curves from one or more metrics.jsonl files")
     c.add_argument("metrics", nargs="+", help="metrics.jsonl files (several: overlaid, labelled by run dir)")
     c.add_argument("--keys", help="comma-separated keys to plot (default: all but step/time/skipped/final/*)")
-    c.add_argument("--smoothing", type=float, default=0.9, help="dense series: a centred window of as many points as an EMA of this weight averages (0.9: 19); 0 disables")
+    c.add_argument("--smoothing", type=float, default=0.9,
+                   help="dense series: a centred window of as many points as an EMA of this weight averages (0.9: 19); 0 disables")
     c.add_argument("--out", default="curves.png")
     c.set_defaults(run=_curves_command)
     return p

@@ -478,26 +478,25 @@ class LatentCache:
             raise ValueError(f"a batch must come from one latent size, got {sorted(keys)}")
         parts = self.groups[keys.pop()]["parts"]
         where = [self.locate[i][1:] for i in indices]
-        mean, std = self._gather(parts, "mean", where), self._gather(parts, "std", where)
-        if flip is not None and bool(flip.any()):
-            if "flip_mean" not in parts[0]:
-                raise ValueError(f"flip asked for, but the cache at {self.cache_dir} was encoded with "
-                                 "transform.flip=false; re-encode with flip=true, or do not flip")
-            mirrored = flip.nonzero().flatten().tolist()
-            mean[mirrored] = self._gather(parts, "flip_mean", [where[k] for k in mirrored])
-            std[mirrored] = self._gather(parts, "flip_std", [where[k] for k in mirrored])
-        return mean, std
+        mirrored = [False] * len(indices) if flip is None else flip.tolist()
+        if any(mirrored) and "flip_mean" not in parts[0]:
+            raise ValueError(f"flip asked for, but the cache at {self.cache_dir} was encoded with "
+                             "transform.flip=false; re-encode with flip=true, or do not flip")
+        prefix = ["flip_" if m else "" for m in mirrored]
+        return (self._gather(parts, [p + "mean" for p in prefix], where),
+                self._gather(parts, [p + "std" for p in prefix], where))
 
     @staticmethod
-    def _gather(parts: list[dict], field: str, where: list[tuple[int, int]]) -> torch.Tensor:
-        """Rows `where` ((part, row) each) of one field, in that order: one read per shard."""
-        rows_of: dict[int, tuple[list[int], list[int]]] = {}
-        for position, (part, row) in enumerate(where):
-            positions, rows = rows_of.setdefault(part, ([], []))
+    def _gather(parts: list[dict], fields: list[str], where: list[tuple[int, int]]) -> torch.Tensor:
+        """Item k's row of field fields[k] at where[k] = (part, row), in that order: one read per
+        shard and field."""
+        reads: dict[tuple[int, str], tuple[list[int], list[int]]] = {}
+        for position, (field, (part, row)) in enumerate(zip(fields, where)):
+            positions, rows = reads.setdefault((part, field), ([], []))
             positions.append(position)
             rows.append(row)
-        out = torch.empty((len(where), *parts[where[0][0]][field].shape[1:]))
-        for part, (positions, rows) in rows_of.items():
+        out = torch.empty((len(where), *parts[where[0][0]][fields[0]].shape[1:]))
+        for (part, field), (positions, rows) in reads.items():
             out[positions] = _as_tensor(parts[part][field][rows]).float()
         return out
 

@@ -268,7 +268,7 @@ def resume(accelerator: Accelerator, out_dir: Path, resume_from: str, limit: int
         return 0, NonFiniteGuard(limit)
     state = load_checkpoint(accelerator, path)
     accelerator.print(f"resumed from {path} at step {state['step']}")
-    return state["step"], NonFiniteGuard(limit, **state.get("nonfinite", {}))
+    return state["step"], NonFiniteGuard.from_state(limit, state)
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
@@ -407,8 +407,13 @@ class NonFiniteGuard:
         self.limit, self.in_a_row, self.total = limit, in_a_row, total
 
     def state(self) -> dict:
-        """What a checkpoint keeps, so that a resumed run counts on (`resume`)."""
+        """What a checkpoint keeps (its ldm_state.json), so that a resumed run counts on."""
         return {"nonfinite": {"in_a_row": self.in_a_row, "total": self.total}}
+
+    @classmethod
+    def from_state(cls, limit: int, state: dict) -> "NonFiniteGuard":
+        """The guard a checkpoint's `state()` describes; a fresh one for a checkpoint without it."""
+        return cls(limit, **state.get("nonfinite", {}))
 
     def ok(self, loss: torch.Tensor) -> bool:
         if _finite_everywhere(loss):

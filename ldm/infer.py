@@ -430,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs", help="output directory")
     p.add_argument("--export-single-file", metavar="OUT.safetensors",
                    help="write the model as one original-layout .safetensors (then generate only if prompts are given)")
+    p.add_argument("--export-diffusers", metavar="DIR",
+                   help="write a single-file checkpoint as a diffusers pipeline directory (what training reads)")
     p.add_argument("--allow-pickle", action="store_true", help="allow a pickled .ckpt (read with weights_only=True)")
     return p
 
@@ -447,6 +449,15 @@ def _export(model: str, out: str) -> None:
     print(f"wrote {export_single_file(source, out)}")
 
 
+def _export_diffusers(model: str, out: str, allow_pickle: bool) -> None:
+    from ldm.export import import_single_file
+
+    if not Path(model).is_file():
+        raise SystemExit(f"--export-diffusers: {model} is not a single file (a directory already is diffusers')")
+    import_single_file(model, out_dir=out, allow_pickle=allow_pickle)
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.list_schedulers:
@@ -457,7 +468,9 @@ def main(argv=None) -> None:
     try:
         if args.export_single_file:
             _export(args.model, args.export_single_file)
-        if args.prompt or args.prompts or not args.export_single_file:
+        if args.export_diffusers:
+            _export_diffusers(args.model, args.export_diffusers, args.allow_pickle)
+        if args.prompt or args.prompts or not (args.export_single_file or args.export_diffusers):
             _run(args)
     except (ValueError, FileNotFoundError, ImportError) as err:  # bad input: a message, not a traceback
         raise SystemExit(f"error: {err}") from err

@@ -22,6 +22,7 @@ import ldm.train.ldm as stage3
 from ldm.cli import train_ldm_main
 from ldm.config import ConfigError, load_config
 from ldm.data.cache import CacheMismatchError, EncodeConfig, LatentCache, encode_dataset, open_cache
+from ldm.export import export_single_file
 from ldm.models.conditioning import load_text
 from ldm.models.presets import unet_config, vae_config
 from ldm.models.text import TEXT_PRESETS, build_tokenizer, encode_prompts
@@ -220,6 +221,27 @@ def test_finetune_takes_text_vae_and_schedule_from_the_sd_directory(sd_dir, cach
     assert "prediction_type=epsilon (set in the config; v_prediction there)" in "\n".join(stage3.finetune_report(cfg))
     with pytest.raises(CacheMismatchError, match="vae_hash"):
         train_ldm(ldm_cfg(tmp_path / "other", cache_dir, *overrides))
+
+
+def test_finetune_from_a_single_file_checkpoint(sd_dir, tmp_path, monkeypatch, capsys):
+    """An SD .safetensors where the directory was: stage 2 encodes with its VAE, stage 3 fine-tunes its
+    U-Net with its text encoder and schedule, and the config keeps the file's path."""
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path / "imports"))
+    file = export_single_file(sd_dir, tmp_path / "sd.safetensors")
+    cache = encode(file, tmp_path / "latents", "data.source.size=8", "data.eval_size=0")
+    cfg = ldm_cfg(tmp_path / "run", cache, f"model.pretrained={file}", "train.mixed_precision='no'",
+                  "train.lr=1e-6", "train.ema_decay=0")
+    assert (cfg.vae, cfg.text.encoder, cfg.noise.prediction_type) == (str(file), str(file), "v_prediction")
+
+    pipeline = train_ldm(cfg)
+
+    printed = capsys.readouterr().out
+    assert printed.count("importing") == 1 and f"fine-tuning the U-Net of {file}" in printed
+    assert f"pretrained: {file}" in (tmp_path / "run" / "config.yaml").read_text()
+    start, end = unet_weights(sd_dir), unet_weights(pipeline)  # 3 steps at 1e-6 from the file's weights
+    assert max((start[k] - end[k]).abs().max().item() for k in start) < 1e-4
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True).tokenizer.pad_token == "!"
 
 
 def test_finetune_refuses_architecture_keys_and_unfit_parts(sd_dir, cache_dir, tmp_path):

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ldm.config import ConfigError, require
+from ldm.models.single_file import is_single_file
 from ldm.models.text import (EOS_TOKEN, TEXT_PRESETS, build_text_encoder, build_tokenizer, load_openclip_text_encoder,
                              load_text_encoder, openclip_model_config)
 
@@ -13,7 +14,7 @@ from ldm.models.text import (EOS_TOKEN, TEXT_PRESETS, build_text_encoder, build_
 @dataclasses.dataclass
 class TextEncoderConfig:
     encoder: str = "tiny"          # a preset (tiny|small|sd15|sd2: random init, frozen) or a local CLIPTextModel /
-                                   # SD pipeline / trained-CLIP directory (train_clip.py output)
+                                   # SD pipeline / trained-CLIP directory (train_clip.py output), or SD .safetensors
     openclip_checkpoint: str = ""  # a local open_clip checkpoint (SD-2.x style); converted to a CLIPTextModel.
                                    # Set, it replaces `encoder` (leave that unset)
     openclip_model: str = "ViT-H-14"  # its architecture: an open_clip model name, or the path of its model config JSON
@@ -34,8 +35,9 @@ class TextEncoderConfig:
             except (ValueError, OSError) as err:
                 raise ConfigError(f"text.openclip_model: {err}") from None
         elif self.encoder not in TEXT_PRESETS:
-            require(Path(self.encoder).is_dir(),
-                    f"text.encoder {self.encoder!r} is neither a preset ({', '.join(TEXT_PRESETS)}) nor a directory")
+            require(Path(self.encoder).is_dir() or is_single_file(self.encoder),
+                    f"text.encoder {self.encoder!r} is neither a preset ({', '.join(TEXT_PRESETS)}), a directory "
+                    "nor an SD .safetensors file")
 
 
 def load_text(cfg: TextEncoderConfig):

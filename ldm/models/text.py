@@ -30,6 +30,8 @@ from open_clip.tokenizer import bytes_to_unicode
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.models import single_file
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 BOS_ID = 49406
@@ -147,10 +149,11 @@ def load_text_encoder(path: str | os.PathLike, pad_token: str = EOS_TOKEN
     """Load a frozen CLIPTextModel and its tokenizer from a local directory, never the hub.
 
     `path` is either a diffusers pipeline directory (with `text_encoder/` and usually
-    `tokenizer/`) or a plain CLIPTextModel directory (`config.json` + weights). When no
+    `tokenizer/`), an SD single file (read from where `ldm.models.single_file` imports it), or a
+    plain CLIPTextModel directory (`config.json` + weights). When no
     tokenizer is saved there, the offline one is built, padding with `pad_token`.
     """
-    root = Path(path)
+    root = single_file.model_dir(path)
     model_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{root} is neither a pipeline directory with text_encoder/ nor a "

@@ -17,6 +17,7 @@ from diffusers import UNet2DConditionModel
 
 from ldm.config import require
 from ldm.models.presets import UNET_PRESETS, unet_config
+from ldm.models.single_file import model_dir, model_path_problem
 
 ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "attention_head_dim", "down_block_types",
                      "up_block_types", "transformer_layers_per_block", "norm_num_groups")
@@ -25,8 +26,9 @@ ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "attention_head_d
 @dataclasses.dataclass
 class UNetModelConfig:
     preset: str = "tiny"                         # tiny | small | sd15 | sd2 | sd2-base (ignored with pretrained)
-    pretrained: str = ""                         # fine-tune: an SD diffusers dir, our pipeline dir, or a U-Net dir;
-                                                 # a pipeline dir also gives the text encoder, VAE and noise schedule
+    pretrained: str = ""                         # fine-tune: an SD diffusers dir, our pipeline dir, a U-Net dir, or an
+                                                 # SD .safetensors file; a pipeline (dir or file) also gives the text
+                                                 # encoder, VAE and noise schedule
     block_out_channels: list[int] | None = None  # None: the preset's
     layers_per_block: int | None = None
     attention_head_dim: int | None = None
@@ -37,7 +39,8 @@ class UNetModelConfig:
 
     def validate(self) -> None:
         if self.pretrained:
-            require(Path(self.pretrained).is_dir(), f"model.pretrained: no such directory {self.pretrained!r}")
+            problem = model_path_problem(self.pretrained)
+            require(problem is None, f"model.pretrained: {problem}")
             changed = [f"model.{k}" for k in ARCHITECTURE_KEYS if getattr(self, k) is not None]
             require(not changed, f"{', '.join(changed)}: a fine-tuned U-Net keeps the architecture of "
                     f"model.pretrained={self.pretrained!r}; remove these keys")
@@ -80,7 +83,7 @@ def downsampling(unet: UNet2DConditionModel) -> int:
 
 
 def load_unet(path: str | Path) -> UNet2DConditionModel:
-    path = Path(path)
+    path = model_dir(path)
     if (path / "unet" / "config.json").exists():
         path = path / "unet"
     if not (path / "config.json").exists():
@@ -90,35 +93,37 @@ def load_unet(path: str | Path) -> UNet2DConditionModel:
 
 @dataclasses.dataclass
 class FinetuneSource:
-    """What a directory to fine-tune from offers besides its U-Net (None where it has nothing).
+    """What a directory (or single file) to fine-tune from offers besides its U-Net (None where it
+    has nothing).
 
-    A Stable Diffusion diffusers directory has a VAE (`vae/`), a text encoder and tokenizer
+    A Stable Diffusion diffusers directory, or single file, has a VAE (`vae/`), a text encoder and tokenizer
     (`text_encoder/`, `tokenizer/`) and the scheduler it was trained with (`scheduler/`); our own
     pipeline directory has these too, plus `ldm.json` with the exact training schedule and the
     CLIP layer used. A bare U-Net directory has none of it.
     """
 
     path: str
-    vae: str | None = None           # the directory load_vae reads the pipeline's VAE from
-    text_encoder: str | None = None  # the directory load_text_encoder reads the text encoder and tokenizer from
+    vae: str | None = None           # the path load_vae reads the pipeline's VAE from
+    text_encoder: str | None = None  # the path load_text_encoder reads the text encoder and tokenizer from
     scheduler: dict | None = None    # the training scheduler's config
+    scheduler_file: str = ""         # where that config was read (named in messages)
     clip_skip: int | None = None
-
-    @property
-    def scheduler_file(self) -> str:
-        return str(Path(self.path) / ("ldm.json" if (Path(self.path) / "ldm.json").is_file() else "scheduler"))
 
 
 def finetune_source(path: str | Path) -> FinetuneSource:
-    root = Path(path)
+    """What `path` offers; each component is named by `path` itself, as the user gave it."""
+    root = model_dir(path)  # a single file: the directory it is imported to
     record = json.loads((root / "ldm.json").read_text()) if (root / "ldm.json").is_file() else {}
-    scheduler = record.get("training_scheduler")
+    scheduler, scheduler_file = record.get("training_scheduler"), root / "ldm.json"
     if scheduler is None and (root / "scheduler" / "scheduler_config.json").is_file():
-        scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        scheduler, scheduler_file = json.loads((root / "scheduler" / "scheduler_config.json").read_text()), root / "scheduler"
+    if root != Path(path):
+        scheduler_file = Path(path)
     return FinetuneSource(
-        path=str(root),
-        vae=str(root) if (root / "vae" / "config.json").is_file() else None,
-        text_encoder=str(root) if (root / "text_encoder" / "config.json").is_file() else None,
+        path=str(path),
+        vae=str(path) if (root / "vae" / "config.json").is_file() else None,
+        text_encoder=str(path) if (root / "text_encoder" / "config.json").is_file() else None,
         scheduler=scheduler,
+        scheduler_file=str(scheduler_file),
         clip_skip=record.get("clip_skip"),
     )

@@ -18,12 +18,13 @@ from diffusers import AutoencoderKL
 
 from ldm.config import require
 from ldm.models.presets import VAE_PRESETS, vae_config
+from ldm.models.single_file import model_dir, model_path_problem
 
 
 @dataclasses.dataclass
 class VAEModelConfig:
     preset: str = "kl-f4"                   # kl-f2 | kl-f4 | kl-f8 (the SD layout) | kl-f16 | tiny-f4 | tiny-f8
-    pretrained: str = ""                    # a diffusers AutoencoderKL dir (or an SD pipeline dir) to fine-tune
+    pretrained: str = ""                    # a diffusers AutoencoderKL dir, an SD pipeline dir or .safetensors, to fine-tune
     block_out_channels: list[int] | None = None  # per-level widths; None: the preset's
     latent_channels: int | None = None      # None: the preset's (4)
     layers_per_block: int | None = None
@@ -34,7 +35,8 @@ class VAEModelConfig:
         require(self.pretrained != "" or self.preset in VAE_PRESETS,
                 f"model.preset {self.preset!r} is not one of {sorted(VAE_PRESETS)}")
         if self.pretrained:
-            require(Path(self.pretrained).is_dir(), f"model.pretrained: no such directory {self.pretrained!r}")
+            problem = model_path_problem(self.pretrained)
+            require(problem is None, f"model.pretrained: {problem}")
         else:
             widths = self.block_out_channels or VAE_PRESETS[self.preset]["block_out_channels"]
             groups = self.norm_num_groups or VAE_PRESETS[self.preset]["norm_num_groups"]
@@ -58,8 +60,8 @@ def build_vae(cfg: VAEModelConfig, resolution: int | None = None) -> Autoencoder
 
 
 def load_vae(path: str | Path) -> AutoencoderKL:
-    """An AutoencoderKL directory, or the `vae/` of a Stable Diffusion pipeline directory."""
-    path = Path(path)
+    """An AutoencoderKL directory, or the `vae/` of a Stable Diffusion pipeline directory or single file."""
+    path = model_dir(path)
     if (path / "vae" / "config.json").exists():
         path = path / "vae"
     if not (path / "config.json").exists():

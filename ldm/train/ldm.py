@@ -30,11 +30,12 @@ from ldm.data.cache import LatentCache, open_cache, text_identity
 from ldm.data.captions import CaptionConfig, process_caption
 from ldm.data.images import image_grid
 from ldm.data.transforms import BucketBatchSampler
-from ldm.fast import FastConfig, apply_fast_paths
 from ldm.diffusion import (SCHEDULE_KEYS, TrainNoiseConfig, fill_schedule, make_train_scheduler, noised_inputs,
                            schedule_of, scheduler_config)
+from ldm.fast import FastConfig, apply_fast_paths
 from ldm.losses import diffusion_loss
 from ldm.models.conditioning import TextEncoderConfig, load_text
+from ldm.models.single_file import model_path_problem
 from ldm.models.text import encode_prompts
 from ldm.models.unet import FinetuneSource, UNetModelConfig, build_unet, downsampling, finetune_source
 from ldm.models.vae import load_vae, weights_hash
@@ -88,7 +89,8 @@ class LDMTrainConfig:
     def validate(self) -> None:
         require(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         require(Path(self.cache).is_dir(), f"cache: no latent cache directory {self.cache!r} (run the encode stage first)")
-        require(Path(self.vae).is_dir(), f"vae: no such VAE directory {self.vae!r}")
+        problem = model_path_problem(self.vae)
+        require(problem is None, f"vae: {problem}")
         require(not self.fast.fuse_qkv, "fast.fuse_qkv is for sampling only: training would update fused copies that exports never see")
         if self.use_8bit_adam:
             try:
@@ -110,7 +112,7 @@ def fill_unset(cfg: LDMTrainConfig) -> None:
     the run itself all show the values used, and re-running from config.yaml changes nothing.
     """
     pretrained = cfg.model.pretrained
-    source = finetune_source(pretrained) if pretrained and Path(pretrained).is_dir() else FinetuneSource("")
+    source = finetune_source(pretrained) if pretrained and model_path_problem(pretrained) is None else FinetuneSource("")
     cfg.vae = cfg.vae or source.vae or DEFAULT_VAE
     if not cfg.text.openclip_checkpoint:  # else that is the text encoder, and config.yaml says so alone
         cfg.text.encoder = cfg.text.encoder or source.text_encoder or "tiny"

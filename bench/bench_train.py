@@ -54,6 +54,7 @@ from ldm.diffusion import make_train_scheduler  # noqa: E402
 from ldm.fast import FastConfig, apply_fast_paths, effective  # noqa: E402
 from ldm.losses import diffusion_loss  # noqa: E402
 from ldm.models.conditioning import TextEncoderConfig, load_text  # noqa: E402
+from ldm.models.lora import LoRAConfig, add_lora  # noqa: E402
 from ldm.models.text import encode_prompts  # noqa: E402
 from ldm.models.unet import UNetModelConfig, build_unet  # noqa: E402
 from ldm.train.common import LoopConfig, NonFiniteGuard, make_optimizer, sample_generators  # noqa: E402
@@ -76,6 +77,7 @@ MEMORY_OPTIMIZERS = {  # what holds the weights and the AdamW state
     "fp32 weights + AdamW": "fp32",
     "bf16 weights + AdamW": "bf16",
     "fp32 weights + 8-bit AdamW": "8bit",
+    "LoRA rank 16 on fp32 weights + AdamW": "lora",
 }
 GB = 1024**3
 
@@ -226,7 +228,8 @@ def baseline_side(assets: Assets, args, accelerator, precomputed: bool):
 def ours_side(assets: Assets, args, accelerator, variant: str, *, fine_tune: bool = False, weights: str = "fp32"):
     """The trainer's micro-batch with the variant's fast paths. `fine_tune` adds what
     configs/ldm/sd15_finetune.yaml adds (gradient checkpointing, EMA); `weights` ("fp32", "bf16",
-    "8bit") picks what holds the weights and the optimizer state (the --memory rows)."""
+    "8bit", "lora": rank-16 adapters on frozen fp32 weights) picks what holds the weights and the
+    optimizer state (the --memory rows)."""
     spec = VARIANTS[variant]
     device = accelerator.device
     loop = LoopConfig(batch_size=args.batch_size, lr=1e-4, mixed_precision=accelerator.mixed_precision,
@@ -245,18 +248,19 @@ def ours_side(assets: Assets, args, accelerator, variant: str, *, fine_tune: boo
     with torch.device(device):
         unet = build_unet(cfg.model, cache.manifest["latent_channels"], latent_size, text_encoder.config.hidden_size)
     unet.train()
+    trainable = add_lora(unet, LoRAConfig(rank=16)) if weights == "lora" else list(unet.parameters())
     if fine_tune:
         unet.enable_gradient_checkpointing()
     if weights == "bf16":  # half the memory of weights, gradients and AdamW state; updates below bf16's resolution are lost
         unet.to(dtype=torch.bfloat16)
     apply_fast_paths(unet, FastConfig(**spec["fast"]), device)
     if spec["fused"] or weights == "8bit":
-        optimizer = make_optimizer(unet.parameters(), loop, use_8bit=weights == "8bit")
+        optimizer = make_optimizer(trainable, loop, use_8bit=weights == "8bit")
     else:
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=loop.lr, betas=(loop.adam_beta1, loop.adam_beta2),
+        optimizer = torch.optim.AdamW(trainable, lr=loop.lr, betas=(loop.adam_beta1, loop.adam_beta2),
                                       weight_decay=loop.weight_decay)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    ema = make_ema(accelerator.unwrap_model(unet), loop, device)
+    ema = make_ema(trainable, loop, device)
     if ema is not None and weights == "bf16":
         ema.to(device=device, dtype=torch.float32)  # a bf16 average would lose every 1e-4 update
     noise_scheduler = make_train_scheduler(cfg.noise)
@@ -275,11 +279,11 @@ def ours_side(assets: Assets, args, accelerator, variant: str, *, fine_tune: boo
             if guard.ok(loss):
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and loop.max_grad_norm:
-                    accelerator.clip_grad_norm_(unet.parameters(), loop.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable, loop.max_grad_norm)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(accelerator.unwrap_model(unet).parameters())
+            ema.step(trainable)
 
     return step
 
@@ -349,7 +353,7 @@ def memory(args, accelerator, assets: Assets) -> dict:
                 row = {"error": f"skipped: {str(err).splitlines()[0]}"}
                 release(accelerator.device, accelerator)
             rows[key] = row
-            print(f"{key:40s} {describe_peak(row)}", flush=True)
+            print(f"{key:48s} {describe_peak(row)}", flush=True)
     return {"rows": rows}
 
 

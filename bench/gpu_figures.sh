@@ -46,7 +46,7 @@ case $part in
   sample) bench sample 300 bench/bench_sample.py --batch-sizes 1 4
           bench encode 120 bench/bench_encode.py ;;
   train) bench train 300 bench/bench_train.py
-         bench memory 150 bench/bench_train.py --memory ;;
+         bench memory 200 bench/bench_train.py --memory ;;
   ablation) bench unet_step 240 bench/bench_sample.py --ablation
             bench train_ablation 300 bench/bench_train.py --ablation ;;
   *) echo "unknown part $part: sample | train | ablation" >&2; exit 2 ;;

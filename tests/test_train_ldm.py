@@ -244,6 +244,54 @@ def test_finetune_from_a_single_file_checkpoint(sd_dir, tmp_path, monkeypatch, c
     assert StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True).tokenizer.pad_token == "!"
 
 
+@pytest.fixture(scope="module")
+def sd_cache(sd_dir, tmp_path_factory) -> Path:
+    return encode(sd_dir, tmp_path_factory.mktemp("sd_cache") / "latents", "data.source.size=8", "data.eval_size=0")
+
+
+LORA = ["lora.rank=4", "lora.alpha=8", "train.lr=1e-2", "train.ema_decay=0.5", "train.max_grad_norm=1.0"]
+
+
+def test_lora_trains_the_adapters_alone_and_exports_them_merged_and_as_a_diffusers_lora(sd_dir, sd_cache, tmp_path):
+    cache = sd_cache
+    cfg = ldm_cfg(tmp_path / "run", cache, f"model.pretrained={sd_dir}", *LORA)
+
+    pipeline = train_ldm(cfg)
+
+    # the export is a plain U-Net in which only the adapted layers moved
+    start, end = unet_weights(sd_dir), unet_weights(pipeline)
+    assert start.keys() == end.keys()
+    adapted = {k for k in start if k.endswith((".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight"))}
+    assert adapted and {k for k in start if not torch.equal(start[k], end[k])} == adapted
+    # the adapters alone load onto the original model at their trained strength (alpha / rank = 2)
+    base = StableDiffusionPipeline.from_pretrained(sd_dir, local_files_only=True)
+    base.load_lora_weights(tmp_path / "run" / "lora")
+    merged = UNet2DConditionModel.from_pretrained(pipeline / "unet")
+    gen = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 64, generator=gen)
+    with torch.no_grad():
+        theirs, ours = (u(x, torch.tensor([10, 500]), encoder_hidden_states=c).sample for u in (base.unet, merged))
+        plain = UNet2DConditionModel.from_pretrained(sd_dir / "unet")(x, torch.tensor([10, 500]), encoder_hidden_states=c).sample
+    assert (ours - plain).abs().max() > 1e-3 and torch.allclose(theirs, ours, atol=1e-5)
+    assert json.loads((pipeline / "ldm.json").read_text())["lora"]["alpha"] == 8
+
+    with pytest.raises(ConfigError, match="lora.rank needs model.pretrained"):
+        ldm_cfg(tmp_path / "scratch", cache, "lora.rank=4")
+    with pytest.raises(ValueError, match=r"lora.targets: \['conv_in'\] name no linear layer"):
+        train_ldm(ldm_cfg(tmp_path / "conv", cache, f"model.pretrained={sd_dir}", "lora.rank=4", "lora.targets=[conv_in]"))
+
+
+def test_lora_resumed_from_a_checkpoint_ends_as_the_run_that_never_stopped(sd_dir, sd_cache, tmp_path):
+    args = [f"model.pretrained={sd_dir}", *LORA, "train.steps=4", "validation.prompts=[]"]
+    whole = train_ldm(ldm_cfg(tmp_path / "whole", sd_cache, *args))
+    train_ldm(ldm_cfg(tmp_path / "cut", sd_cache, *args, "train.steps=2"))
+    resumed = train_ldm(ldm_cfg(tmp_path / "cut", sd_cache, *args, "resume=latest"))
+    ours, theirs = unet_weights(resumed), unet_weights(whole)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    ours, theirs = (load_file(run / "lora" / "pytorch_lora_weights.safetensors") for run in (tmp_path / "cut", tmp_path / "whole"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def test_finetune_refuses_architecture_keys_and_unfit_parts(sd_dir, cache_dir, tmp_path):
     with pytest.raises(ConfigError, match="model.block_out_channels"):
         ldm_cfg(tmp_path, cache_dir, f"model.pretrained={sd_dir}", "model.block_out_channels=[16, 32]")

@@ -35,6 +35,7 @@ from ldm.diffusion import (SCHEDULE_KEYS, TrainNoiseConfig, fill_schedule, make_
 from ldm.fast import FastConfig, apply_fast_paths
 from ldm.losses import diffusion_loss
 from ldm.models.conditioning import TextEncoderConfig, load_text
+from ldm.models.lora import LoRAConfig, add_lora, merged_unet, save_lora
 from ldm.models.single_file import model_path_problem
 from ldm.models.text import encode_prompts
 from ldm.models.unet import FinetuneSource, UNetModelConfig, build_unet, downsampling, finetune_source
@@ -71,6 +72,7 @@ class LDMTrainConfig:
     vae: str = ""                      # the VAE the cache was encoded with (checked by weight hash), exported with the
                                        # pipeline; "": model.pretrained's, else runs/vae/vae
     model: UNetModelConfig = dataclasses.field(default_factory=UNetModelConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # rank > 0: train adapters of model.pretrained only
     text: LDMTextConfig = dataclasses.field(default_factory=LDMTextConfig)
     noise: TrainNoiseConfig = dataclasses.field(default_factory=TrainNoiseConfig)  # unset keys: model.pretrained's scheduler
     train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
@@ -88,6 +90,8 @@ class LDMTrainConfig:
 
     def validate(self) -> None:
         require(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        require(not self.lora.rank or bool(self.model.pretrained),
+                "lora.rank needs model.pretrained: LoRA adapts a trained U-Net (set lora.rank=0 to train from scratch)")
         require(Path(self.cache).is_dir(), f"cache: no latent cache directory {self.cache!r} (run the encode stage first)")
         problem = model_path_problem(self.vae)
         require(problem is None, f"vae: {problem}")
@@ -171,15 +175,16 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     text_encoder.to(device)
     unet = build_unet(cfg.model, cache.manifest["latent_channels"], sample_size(latent_hw), text_encoder.config.hidden_size)
     check_latent_sizes(unet, cache)
+    trainable = add_lora(unet, cfg.lora) if cfg.lora.rank else list(unet.parameters())  # what the optimiser and EMA see
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     apply_fast_paths(unet, cfg.fast, device)  # before the optimiser and accelerate see it
     noise_scheduler = make_train_scheduler(cfg.noise)
-    optimizer = make_optimizer(unet.parameters(), loop, use_8bit=cfg.use_8bit_adam)
+    optimizer = make_optimizer(trainable, loop, use_8bit=cfg.use_8bit_adam)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(loop))
     unet, optimizer = accelerator.prepare(unet, optimizer)
     register_schedule(accelerator, lr_sched)
-    ema = make_ema(accelerator.unwrap_model(unet), loop, device)
+    ema = make_ema(trainable, loop, device)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     empty = encode_prompts(text_encoder, tokenizer, [""], clip_skip=cfg.text.clip_skip)
@@ -206,7 +211,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
                 if guard.ok(loss):
                     accelerator.backward(loss)  # divided by grad_accum by accelerate
                     if accelerator.sync_gradients and loop.max_grad_norm:
-                        accelerator.clip_grad_norm_(unet.parameters(), loop.max_grad_norm)
+                        accelerator.clip_grad_norm_(trainable, loop.max_grad_norm)
                     optimizer.step()  # a no-op until the last micro-batch of the step
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
@@ -214,27 +219,31 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
         lr_sched.step()  # important: once per optimiser step, not per micro-batch, or warm-up ends grad_accum x early
         step += 1
         if ema is not None:
-            ema.step(accelerator.unwrap_model(unet).parameters())
+            ema.step(trainable)
         progress.update(1)
         if step % loop.log_every == 0 or step == loop.steps:
             mean_loss = torch.stack(losses).float().mean().item()
             progress.set_postfix(loss=f"{mean_loss:.4f}")
             log.write(step, loss=mean_loss, lr=lr, skipped=guard.total)
         if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps and accelerator.is_main_process:
-            with swapped_ema(ema, accelerator.unwrap_model(unet)):
+            with swapped_ema(ema, trainable):
                 validate(accelerator.unwrap_model(unet), noise_scheduler, step)
         if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
             save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
     progress.close()
     save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
 
-    # --- export: the EMA weights, in a directory diffusers loads as it is
+    # --- export: the EMA weights, in a directory diffusers loads as it is (LoRA: merged into the
+    # U-Net, and the adapters alone in lora/ for load_lora_weights on the original model)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(unet)
         if ema is not None:
-            ema.copy_to(final.parameters())
+            ema.copy_to(trainable)
         final.eval()
         validate(final, noise_scheduler, step)
+        if cfg.lora.rank:
+            save_lora(final, out_dir / "lora")
+            final = merged_unet(final)
         export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -292,12 +301,13 @@ def check_latent_sizes(unet, cache: LatentCache) -> None:
                          f"encode with bucket_step a multiple of {factor} x the VAE's factor")
 
 
-def make_ema(unet, loop: LoopConfig, device) -> EMAModel | None:
-    """diffusers' EMAModel; with warm-up its decay grows as 1 - (1 + step)^(-2/3) up to ema_decay,
-    so the average forgets the random initialisation quickly (Karras et al. 2024 discuss why)."""
+def make_ema(params: list[torch.nn.Parameter], loop: LoopConfig, device) -> EMAModel | None:
+    """diffusers' EMAModel of the trained parameters; with warm-up its decay grows as
+    1 - (1 + step)^(-2/3) up to ema_decay, so the average forgets the random initialisation
+    quickly (Karras et al. 2024 discuss why)."""
     if not loop.ema_decay:
         return None
-    ema = EMAModel(unet.parameters(), decay=loop.ema_decay, use_ema_warmup=loop.ema_warmup)
+    ema = EMAModel(params, decay=loop.ema_decay, use_ema_warmup=loop.ema_warmup)
     ema.to(device)
     return ema
 
@@ -410,6 +420,7 @@ def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, lat
         "latent_size": list(latent_hw),                      # (h, w) of the most common training size
         "image_size": [s * factor for s in latent_hw],       # px
         "fine_tuned_from": cfg.model.pretrained or None,
+        "lora": to_dict(cfg.lora) if cfg.lora.rank else None,  # merged into unet/; the adapters alone in ../lora/
         "ema_decay": cfg.train.ema_decay,
         "validation": to_dict(cfg.validation),
         "train_config": to_dict(cfg),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -146,7 +147,7 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
             progress.set_postfix(rec=f"{logs['rec']:.4f}")
             log.write(step, lr=sched.get_last_lr()[0], skipped=guard.total, **logs)
         if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps:
-            with swapped_ema(ema, vae):
+            with swapped_ema(ema, vae.parameters()):
                 results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg, features)
             log.write(step, **{f"eval/{k}": v for k, v in results.items()})
         if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
@@ -190,19 +191,20 @@ class Autoencode(torch.nn.Module):
 
 
 class swapped_ema:
-    """Context manager: evaluate with the EMA weights, then put the training weights back."""
+    """Context manager: evaluate with the EMA weights, then put the training weights back.
+    `params` are the ones the EMA averages, in its order."""
 
-    def __init__(self, ema: EMAModel | None, model: torch.nn.Module):
-        self.ema, self.model = ema, model
+    def __init__(self, ema: EMAModel | None, params: Iterable[torch.nn.Parameter]):
+        self.ema, self.params = ema, list(params)
 
     def __enter__(self):
         if self.ema is not None:
-            self.ema.store(self.model.parameters())
-            self.ema.copy_to(self.model.parameters())
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
 
     def __exit__(self, *exc):
         if self.ema is not None:
-            self.ema.restore(self.model.parameters())
+            self.ema.restore(self.params)
 
 
 @torch.no_grad()

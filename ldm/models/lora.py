@@ -1,0 +1,101 @@
+"""LoRA fine-tuning of the U-Net (Hu et al. 2021): train rank-r updates W + (alpha / r) B A of
+chosen linear layers, the rest frozen.
+
+The adapters are peft's, attached through diffusers' `add_adapter`, so the file they are saved
+in is the one `StableDiffusionPipeline.load_lora_weights` reads. Two things the usual scripts
+leave out are kept here:
+
+- alpha travels with the weights. The file's metadata holds the adapter's config, so a LoRA
+  trained with alpha != r loads at its trained strength; a file without it would load at
+  scale 1, which is what diffusers assumes when no alpha is given.
+- the merged export is folded in float32 from the adapter's own delta, B A times alpha / r, into
+  a clean U-Net, so the pipeline directory loads with no peft layers and gives what the adapted
+  U-Net gave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from ldm.config import require
+
+ADAPTER = "default"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    rank: int = 0                  # 0: fine-tune every U-Net weight; r > 0: train rank-r adapters only
+    alpha: float | None = None     # the update's scale is alpha / rank; None: alpha = rank (scale 1)
+    dropout: float = 0.0           # dropout on the adapters' input
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # ^ linear layers by name suffix: the attention projections (diffusers' and kohya's default);
+    #   add "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2" for every linear of the transformer blocks
+
+    def validate(self) -> None:
+        require(self.rank >= 0, f"lora.rank must be >= 0, got {self.rank}")
+        require(self.alpha is None or self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        require(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        require(not self.rank or bool(self.targets), "lora.targets is empty: name the linear layers to adapt")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha or self.rank) / self.rank
+
+
+def add_lora(unet: UNet2DConditionModel, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
+    """Freeze the U-Net, attach rank-`cfg.rank` adapters to the target layers; the adapters' parameters.
+
+    The B matrices start at zero, so the adapted U-Net starts as the pretrained one.
+    """
+    from peft import LoraConfig
+
+    def named(name: str, target: str) -> bool:  # peft's rule: the whole name, or its last dotted parts
+        return name == target or name.endswith("." + target)
+
+    modules = dict(unet.named_modules())
+    unfit = [t for t in cfg.targets
+             if not any(named(n, t) for n in modules) or any(named(n, t) and not isinstance(m, torch.nn.Linear)
+                                                              for n, m in modules.items())]
+    if unfit:
+        raise ValueError(f"lora.targets: {unfit} name no linear layer of this U-Net, or a layer that is not linear "
+                         "(try to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2)")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, lora_dropout=cfg.dropout,
+                                init_lora_weights="gaussian", target_modules=list(cfg.targets)), ADAPTER)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def merged_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A plain U-Net with every adapter folded into its layer: W + (alpha / r) B A, in float32."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            state[f"{name}.weight"] = base.weight.float() + module.get_delta_weight(ADAPTER).float()
+            if base.bias is not None:
+                state[f"{name}.bias"] = base.bias
+    for key, tensor in unet.state_dict().items():
+        if ".lora_" not in key and ".base_layer." not in key:
+            state[key] = tensor
+    merged = UNet2DConditionModel.from_config(unet.config)
+    merged.load_state_dict(state, strict=True)  # every weight accounted for, no adapter left
+    return merged.to(next(unet.parameters()).device)
+
+
+def save_lora(unet: UNet2DConditionModel, out_dir: Path) -> Path:
+    """The adapters as `load_lora_weights` reads them, with their config (alpha included) in the metadata."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, weight_name=LORA_FILE,
+                                              unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+                                              safe_serialization=True)
+    return Path(out_dir) / LORA_FILE

@@ -273,6 +273,12 @@ def test_lora_trains_the_adapters_alone_and_exports_them_merged_and_as_a_diffuse
         theirs, ours = (u(x, torch.tensor([10, 500]), encoder_hidden_states=c).sample for u in (base.unet, merged))
         plain = UNet2DConditionModel.from_pretrained(sd_dir / "unet")(x, torch.tensor([10, 500]), encoder_hidden_states=c).sample
     assert (ours - plain).abs().max() > 1e-3 and torch.allclose(theirs, ours, atol=1e-5)
+    # and so does kohya's layout of them, the web UIs' file (diffusers reads that layout too)
+    base.unload_lora_weights()
+    base.load_lora_weights(tmp_path / "run" / "lora", weight_name="run.safetensors")
+    with torch.no_grad():
+        kohya = base.unet(x, torch.tensor([10, 500]), encoder_hidden_states=c).sample
+    assert torch.allclose(kohya, ours, atol=1e-5)
     assert json.loads((pipeline / "ldm.json").read_text())["lora"]["alpha"] == 8
 
     with pytest.raises(ConfigError, match="lora.rank needs model.pretrained"):

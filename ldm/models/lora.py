@@ -1,9 +1,9 @@
 """LoRA fine-tuning of the U-Net (Hu et al. 2021): train rank-r updates W + (alpha / r) B A of
 chosen linear layers, the rest frozen.
 
-The adapters are peft's, attached through diffusers' `add_adapter`, so the file they are saved
-in is the one `StableDiffusionPipeline.load_lora_weights` reads. Two things the usual scripts
-leave out are kept here:
+The adapters are peft's, attached through diffusers' `add_adapter`. They are saved twice: in
+the file `StableDiffusionPipeline.load_lora_weights` reads, and in kohya's layout, which the web
+UIs load. Two things the usual scripts leave out are kept here:
 
 - alpha travels with the weights. The file's metadata holds the adapter's config, so a LoRA
   trained with alpha != r loads at its trained strength; a file without it would load at
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
 
 from ldm.config import require
 
@@ -89,8 +90,10 @@ def merged_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     return merged.to(next(unet.parameters()).device)
 
 
-def save_lora(unet: UNet2DConditionModel, out_dir: Path) -> Path:
-    """The adapters as `load_lora_weights` reads them, with their config (alpha included) in the metadata."""
+def save_lora(unet: UNet2DConditionModel, out_dir: Path, name: str) -> list[Path]:
+    """The adapters twice in `out_dir`: as diffusers' `load_lora_weights` reads them (LORA_FILE, the
+    adapter's config with alpha in the metadata), and in kohya's layout as `<name>.safetensors`,
+    the file A1111, Forge and ComfyUI take in their LoRA folders."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -98,4 +101,24 @@ def save_lora(unet: UNet2DConditionModel, out_dir: Path) -> Path:
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, weight_name=LORA_FILE,
                                               unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
                                               safe_serialization=True)
-    return Path(out_dir) / LORA_FILE
+    kohya = Path(out_dir) / f"{name}.safetensors"
+    config = unet.peft_config[ADAPTER]
+    save_file(kohya_state_dict(unet), kohya, metadata={"ss_network_module": "networks.lora",
+                                                       "ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)})
+    return [Path(out_dir) / LORA_FILE, kohya]
+
+
+def kohya_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """kohya's SD-1.x/2.x layout: `lora_unet_<diffusers module path, dots as underscores>` with
+    `.lora_down.weight` (A), `.lora_up.weight` (B) and `.alpha`, the scale being alpha / rank."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer):
+            key = "lora_unet_" + name.replace(".", "_")
+            rank = module.r[ADAPTER]
+            out[f"{key}.lora_down.weight"] = module.lora_A[ADAPTER].weight.detach().float().contiguous()
+            out[f"{key}.lora_up.weight"] = module.lora_B[ADAPTER].weight.detach().float().contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(module.scaling[ADAPTER] * rank))
+    return out

@@ -242,7 +242,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
         final.eval()
         validate(final, noise_scheduler, step)
         if cfg.lora.rank:
-            save_lora(final, out_dir / "lora")
+            save_lora(final, out_dir / "lora", name=out_dir.resolve().name)
             final = merged_unet(final)
         export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline")
     accelerator.wait_for_everyone()

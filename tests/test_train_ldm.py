@@ -249,7 +249,8 @@ def sd_cache(sd_dir, tmp_path_factory) -> Path:
     return encode(sd_dir, tmp_path_factory.mktemp("sd_cache") / "latents", "data.source.size=8", "data.eval_size=0")
 
 
-LORA = ["lora.rank=4", "lora.alpha=8", "train.lr=1e-2", "train.ema_decay=0.5", "train.max_grad_norm=1.0"]
+LORA = ["lora.rank=4", "lora.alpha=8", "train.lr=1e-2", "train.ema_decay=0.5", "train.max_grad_norm=1.0",
+        "gradient_checkpointing=true"]  # as configs/ldm/sd15_finetune.yaml: the adapters still get gradients
 
 
 def test_lora_trains_the_adapters_alone_and_exports_them_merged_and_as_a_diffusers_lora(sd_dir, sd_cache, tmp_path):

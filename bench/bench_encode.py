@@ -121,6 +121,7 @@ def best_times(runs: dict, repeats: int) -> dict[str, float]:
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
+            print(f"{name}: {times[name][-1]:.2f} s", flush=True)  # as it goes: a later overrun keeps these
     return {name: min(t) for name, t in times.items()}
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import random
 import subprocess
@@ -116,7 +117,8 @@ def release(device: torch.device, accelerator) -> None:
     vocabulary in memory."""
     if device.type != "cuda":
         return
-    accelerator.free_memory()  # the accelerator keeps references to what it prepared; collects garbage
+    accelerator.free_memory()  # the accelerator keeps references to what it prepared
+    gc.collect()  # after it: a prepared model refers to itself (its wrapped forward), so only a collection frees it
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
 
@@ -304,7 +306,9 @@ def measure(make_step, args, accelerator) -> dict:
 
 def compare(args, accelerator, assets: Assets) -> dict:
     base = measure(lambda: baseline_side(assets, args, accelerator, precomputed=False), args, accelerator)
+    print(f"baseline (VAE + text encoder every step): {base}", flush=True)  # as it goes: a later overrun keeps these
     base_pre = measure(lambda: baseline_side(assets, args, accelerator, precomputed=True), args, accelerator)
+    print(f"baseline, latents precomputed: {base_pre}", flush=True)
     ours = measure(lambda: ours_side(assets, args, accelerator, OURS), args, accelerator)
     figures = {
         "baseline_images_per_s": base["images_per_s"], "baseline_peak_gb": base["peak_gb"],
@@ -349,8 +353,9 @@ def memory(args, accelerator, assets: Assets) -> dict:
             try:
                 row = measure(lambda: ours_side(assets, run, accelerator, "+fused_adamw", fine_tune=True, weights=weights),
                               run, accelerator)
-            except RuntimeError as err:  # bitsandbytes missing, or out of memory: say so and go on
+            except (RuntimeError, ImportError, ValueError) as err:  # out of memory, bitsandbytes or peft missing
                 row = {"error": f"skipped: {str(err).splitlines()[0]}"}
+            if "error" in row:  # released here, once the traceback that holds the row's models is gone
                 release(accelerator.device, accelerator)
             rows[key] = row
             print(f"{key:48s} {describe_peak(row)}", flush=True)

@@ -57,6 +57,18 @@ def test_gpu_figures_script_runs_sampling_and_encoding_into_one_file(tmp_path):
     assert "== sample: exit 0" in log and "== encode: exit 0" in log
 
 
+def test_gpu_figures_script_keeps_inside_its_budget_and_says_what_it_skipped(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TINY": "1", "PY": sys.executable, "OUT": str(tmp_path), "BUDGET": "35"}
+    done = subprocess.run(["bash", str(BENCH / "gpu_figures.sh"), "encode", "memory", "encode"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads((tmp_path / "encode-memory-encode.json").read_text())
+    assert figures == {name: {"error": "skipped: no time left in the budget of 35 s"} for name in ("encode", "memory")}
+    assert "== encode: skipped" in (tmp_path / "encode-memory-encode.log").read_text()
+    bad = subprocess.run(["bash", str(BENCH / "gpu_figures.sh"), "sampling"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "unknown bench sampling" in bad.stderr
+
+
 def test_bench_train_memory_mode_reports_every_row(tmp_path):
     figures, stdout = run_bench("bench_train.py", tmp_path, "--memory")
     assert len(figures["rows"]) == 12  # 4 ways to hold the weights and optimizer state x batch 1, 2, 4

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -123,6 +124,33 @@ def _load_diffusers(path: Path, allow_pickle: bool):
     raise FileNotFoundError(f"{path}: not a run dir, a diffusers pipeline dir (model_index.json) or a checkpoint file")
 
 
+def fuse_loras(sd, loras: Sequence[tuple[str | Path, float]]) -> None:
+    """Fold each LoRA into the U-Net (and the text encoder, where it has layers for it) at its
+    strength, then drop the adapter layers: sampling runs at full speed, and the fast paths see a
+    plain model. Any format diffusers' `load_lora_weights` reads: ours (`<run>/lora`), diffusers',
+    kohya's and the web UIs'. The weights are still float32 here, so the small updates survive."""
+    for i, (where, strength) in enumerate(loras):
+        where = Path(where)
+        if not where.exists():
+            raise FileNotFoundError(f"no LoRA file or directory at {where}")
+        name = f"lora{i}"
+        if where.is_dir():
+            sd.load_lora_weights(where, adapter_name=name)
+        else:
+            sd.load_lora_weights(where.parent, weight_name=where.name, adapter_name=name)
+        sd.fuse_lora(lora_scale=strength, adapter_names=[name])
+        sd.unload_lora_weights()  # the fused weights stay
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """PATH or PATH:STRENGTH (default 1)."""
+    where, sep, strength = text.rpartition(":")
+    try:
+        return (where, float(strength)) if sep else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
 def _set_attention(sd, attention: str) -> None:
     """sdpa: diffusers' default processors (torch's scaled_dot_product_attention); xformers on request."""
     if attention == "xformers":
@@ -136,13 +164,18 @@ def _set_attention(sd, attention: str) -> None:
 
 
 def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtype | str | None = None,
-                  attention: str = "sdpa", allow_pickle: bool = False, fast: FastConfig | None = None) -> Pipeline:
+                  attention: str = "sdpa", allow_pickle: bool = False, fast: FastConfig | None = None,
+                  loras: Sequence[tuple[str | Path, float]] = ()) -> Pipeline:
     """Our run dir or pipeline dir, any SD-1.x/2.x diffusers dir, or an original single-file checkpoint
-    (.safetensors; a pickled .ckpt only with allow_pickle). Device and dtype default to the best available."""
+    (.safetensors; a pickled .ckpt only with allow_pickle). Device and dtype default to the best available.
+
+    `loras`: (LoRA file or directory, strength) pairs, folded into the weights before the cast to
+    `dtype` (see `fuse_loras`)."""
     device = device or auto_device()
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or auto_dtype(device))
     path = resolve_pipeline_dir(path)
     sd = _load_diffusers(path, allow_pickle)
+    fuse_loras(sd, loras)
     _set_attention(sd, attention)
     for module in (sd.unet, sd.vae, sd.text_encoder):
         module.to(device=device).eval()
@@ -428,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU: fused QKV, channels_last, torch.compile with CUDA graphs (each new batch size compiles first)")
     p.add_argument("--trajectory", type=int, default=0, help="save the denoising trajectory every N steps (strip + GIF)")
     p.add_argument("--out", default="outputs", help="output directory")
+    p.add_argument("--lora", action="append", default=[], type=parse_lora, metavar="PATH[:STRENGTH]",
+                   help="fold a LoRA (file or directory, any format diffusers reads) into the model; repeat for several")
     p.add_argument("--export-single-file", metavar="OUT.safetensors",
                    help="write the model as one original-layout .safetensors (then generate only if prompts are given)")
     p.add_argument("--export-diffusers", metavar="DIR",
@@ -483,7 +518,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.fast and args.attention == "xformers":
         raise SystemExit("--fast fuses the attention projections for SDPA; it does not combine with --attention xformers")
     pipe = load_pipeline(args.model, args.device, args.dtype, args.attention, args.allow_pickle,
-                         fast=FastConfig.sampling() if args.fast else None)
+                         fast=FastConfig.sampling() if args.fast else None, loras=args.lora)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = [{}] * len(jobs)

@@ -23,6 +23,8 @@ from ldm.cli import train_ldm_main
 from ldm.config import ConfigError, load_config
 from ldm.data.cache import CacheMismatchError, EncodeConfig, LatentCache, encode_dataset, open_cache
 from ldm.export import export_single_file
+from ldm.infer import load_pipeline
+from ldm.infer import main as infer_main
 from ldm.models.conditioning import load_text
 from ldm.models.presets import unet_config, vae_config
 from ldm.models.text import TEXT_PRESETS, build_tokenizer, encode_prompts
@@ -286,6 +288,31 @@ def test_lora_trains_the_adapters_alone_and_exports_them_merged_and_as_a_diffuse
         ldm_cfg(tmp_path / "scratch", cache, "lora.rank=4")
     with pytest.raises(ValueError, match=r"lora.targets: \['conv_in'\] name no linear layer"):
         train_ldm(ldm_cfg(tmp_path / "conv", cache, f"model.pretrained={sd_dir}", "lora.rank=4", "lora.targets=[conv_in]"))
+
+
+def test_infer_folds_a_trained_lora_into_the_original_model(sd_dir, sd_cache, tmp_path):
+    run = tmp_path / "style"
+    pipeline = train_ldm(ldm_cfg(run, sd_cache, f"model.pretrained={sd_dir}", *LORA, "validation.prompts=[]"))
+    kohya = run / "lora" / "style.safetensors"
+    merged = load_pipeline(pipeline, device="cpu", dtype="float32")
+    for lora in (run / "lora", kohya):  # our directory, or the web UIs' file on its own
+        folded = load_pipeline(sd_dir, device="cpu", dtype="float32", loras=[(lora, 1.0)])
+        ours, theirs = folded.unet.state_dict(), merged.unet.state_dict()
+        assert ours.keys() == theirs.keys()  # a plain U-Net again: no adapter layers left
+        assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-5
+    half = load_pipeline(sd_dir, device="cpu", dtype="float32", loras=[(kohya, 0.5)]).unet.state_dict()
+    plain = load_pipeline(sd_dir, device="cpu", dtype="float32").unet.state_dict()
+    key = next(k for k in plain if k.endswith("attn1.to_q.weight"))
+    assert torch.allclose(half[key] - plain[key], 0.5 * (theirs[key] - plain[key]), atol=1e-6)
+
+    # the command line: --lora PATH:STRENGTH gives the merged export's images
+    args = ["--prompt", "a red circle", "--steps", "2", "--device", "cpu", "--guidance-scale", "2", "--scheduler", "euler"]
+    infer_main([str(sd_dir), "--lora", f"{kohya}:1", *args, "--out", str(tmp_path / "folded")])
+    infer_main([str(pipeline), *args, "--out", str(tmp_path / "merged")])
+    a, b = (np.asarray(Image.open(tmp_path / d / "0000-seed0.png"), dtype=int) for d in ("folded", "merged"))
+    assert np.abs(a - b).max() <= 1
+    with pytest.raises(SystemExit, match="no LoRA file or directory"):
+        infer_main([str(sd_dir), "--lora", str(tmp_path / "missing.safetensors"), *args])
 
 
 def test_lora_resumed_from_a_checkpoint_ends_as_the_run_that_never_stopped(sd_dir, sd_cache, tmp_path):

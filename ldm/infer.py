@@ -134,20 +134,18 @@ def fuse_loras(sd, loras: Sequence[tuple[str | Path, float]]) -> None:
         if not where.exists():
             raise FileNotFoundError(f"no LoRA file or directory at {where}")
         name = f"lora{i}"
-        if where.is_dir():
-            sd.load_lora_weights(where, adapter_name=name)
-        else:
-            sd.load_lora_weights(where.parent, weight_name=where.name, adapter_name=name)
+        folder, weight_name = (where, None) if where.is_dir() else (where.parent, where.name)
+        sd.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
         sd.fuse_lora(lora_scale=strength, adapter_names=[name])
         sd.unload_lora_weights()  # the fused weights stay
 
 
 def parse_lora(text: str) -> tuple[str, float]:
     """PATH or PATH:STRENGTH (default 1)."""
-    where, sep, strength = text.rpartition(":")
+    where, _, strength = text.rpartition(":")
     try:
-        return (where, float(strength)) if sep else (text, 1.0)
-    except ValueError:
+        return where, float(strength)
+    except ValueError:  # no ":", or one that is part of the path
         return text, 1.0
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ldm.config import ConfigError, require
-from ldm.models.single_file import is_single_file
+from ldm.models.single_file import model_path_problem
 from ldm.models.text import (EOS_TOKEN, TEXT_PRESETS, build_text_encoder, build_tokenizer, load_openclip_text_encoder,
                              load_text_encoder, openclip_model_config)
 
@@ -35,9 +35,8 @@ class TextEncoderConfig:
             except (ValueError, OSError) as err:
                 raise ConfigError(f"text.openclip_model: {err}") from None
         elif self.encoder not in TEXT_PRESETS:
-            require(Path(self.encoder).is_dir() or is_single_file(self.encoder),
-                    f"text.encoder {self.encoder!r} is neither a preset ({', '.join(TEXT_PRESETS)}), a directory "
-                    "nor an SD .safetensors file")
+            problem = model_path_problem(self.encoder)
+            require(problem is None, f"text.encoder {self.encoder!r} is not a preset ({', '.join(TEXT_PRESETS)}): {problem}")
 
 
 def load_text(cfg: TextEncoderConfig):

@@ -8,9 +8,9 @@ UIs load. Two things the usual scripts leave out are kept here:
 - alpha travels with the weights. The file's metadata holds the adapter's config, so a LoRA
   trained with alpha != r loads at its trained strength; a file without it would load at
   scale 1, which is what diffusers assumes when no alpha is given.
-- the merged export is folded in float32 from the adapter's own delta, B A times alpha / r, into
-  a clean U-Net, so the pipeline directory loads with no peft layers and gives what the adapted
-  U-Net gave.
+- the merged export folds the adapters into the float32 weights they were trained on (the frozen
+  base is never cast), and then removes them, so the pipeline directory loads with no peft
+  layers and gives what the adapted U-Net gave.
 """
 
 from __future__ import annotations
@@ -71,23 +71,12 @@ def add_lora(unet: UNet2DConditionModel, cfg: LoRAConfig) -> list[torch.nn.Param
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def merged_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """A plain U-Net with every adapter folded into its layer: W + (alpha / r) B A, in float32."""
-    from peft.tuners.lora import LoraLayer
-
-    state = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, LoraLayer):
-            base = module.get_base_layer()
-            state[f"{name}.weight"] = base.weight.float() + module.get_delta_weight(ADAPTER).float()
-            if base.bias is not None:
-                state[f"{name}.bias"] = base.bias
-    for key, tensor in unet.state_dict().items():
-        if ".lora_" not in key and ".base_layer." not in key:
-            state[key] = tensor
-    merged = UNet2DConditionModel.from_config(unet.config)
-    merged.load_state_dict(state, strict=True)  # every weight accounted for, no adapter left
-    return merged.to(next(unet.parameters()).device)
+def merge_lora(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """The same U-Net with each adapter folded into its layer, W + (alpha / r) B A, and the adapter
+    layers removed (diffusers' `fuse_lora` and `unload_lora`): a plain U-Net again."""
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet
 
 
 def save_lora(unet: UNet2DConditionModel, out_dir: Path, name: str) -> list[Path]:

@@ -35,7 +35,7 @@ from ldm.diffusion import (SCHEDULE_KEYS, TrainNoiseConfig, fill_schedule, make_
 from ldm.fast import FastConfig, apply_fast_paths
 from ldm.losses import diffusion_loss
 from ldm.models.conditioning import TextEncoderConfig, load_text
-from ldm.models.lora import LoRAConfig, add_lora, merged_unet, save_lora
+from ldm.models.lora import LoRAConfig, add_lora, merge_lora, save_lora
 from ldm.models.single_file import model_path_problem
 from ldm.models.text import encode_prompts
 from ldm.models.unet import FinetuneSource, UNetModelConfig, build_unet, downsampling, finetune_source
@@ -243,7 +243,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
         validate(final, noise_scheduler, step)
         if cfg.lora.rank:
             save_lora(final, out_dir / "lora", name=out_dir.resolve().name)
-            final = merged_unet(final)
+            final = merge_lora(final)
         export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline")
     accelerator.wait_for_everyone()
     accelerator.end_training()

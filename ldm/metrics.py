@@ -12,10 +12,12 @@ network, e.g. the image tower of a CLIP trained on your own data:
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -148,3 +150,115 @@ def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> flo
     image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
     text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
     return (100 * (image_features * text_features).sum(-1).clamp(min=0)).mean().item()
+
+
+# ----------------------------------------------------------------------------- generated vs real: the figures of issue #19
+#
+# FID and KID are computed here from features directly (float64), not by torchmetrics' classes:
+# the bootstrap recomputes them a few hundred times on resampled features, and KID must not draw
+# random subsets (torchmetrics' do, from the global RNG) if figures are to compare across steps.
+# tests/test_metrics.py checks both against torchmetrics on the same features.
+
+
+def frechet_distance(real_f: torch.Tensor, fake_f: torch.Tensor) -> float:
+    """FID (Heusel et al. 2017, eq. 6): |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2).
+
+    With A1, A2 the centred feature matrices (n x D), S = A^T A / (n - 1), and the nonzero
+    eigenvalues of S1 S2 are those of M M^T / c with M = A1 A2^T (n1 x n2), c = (n1-1)(n2-1);
+    so tr((S1 S2)^1/2) is M's nuclear norm / sqrt(c): exact, and an n x n SVD instead of a
+    D x D matrix square root (2048-d Inception features, a few hundred images).
+    """
+    a, b = real_f.double(), fake_f.double()
+    n1, n2 = len(a), len(b)
+    if n1 < 2 or n2 < 2:
+        raise ValueError(f"FID needs at least 2 images per set, got {n1} real and {n2} generated")
+    mu1, mu2 = a.mean(0), b.mean(0)
+    a, b = a - mu1, b - mu2
+    c = (n1 - 1) * (n2 - 1)
+    cross = torch.linalg.matrix_norm(a @ b.T, ord="nuc") / math.sqrt(c)
+    value = (mu1 - mu2).square().sum() + a.square().sum() / (n1 - 1) + b.square().sum() / (n2 - 1) - 2 * cross
+    return max(value.item(), 0.0)  # rounding can take two identical sets a hair below 0
+
+
+def kernel_distance(real_f: torch.Tensor, fake_f: torch.Tensor) -> float:
+    """KID (Binkowski et al. 2018, eq. 4): the unbiased MMD^2 with the kernel (x.y / D + 1)^3, over
+    all pairs of the two sets (no random subsets, so the same features always give the same value)."""
+    a, b = real_f.double(), fake_f.double()
+    n1, n2 = len(a), len(b)
+    if n1 < 2 or n2 < 2:
+        raise ValueError(f"KID needs at least 2 images per set, got {n1} real and {n2} generated")
+    d = a.shape[1]
+    k_aa, k_bb, k_ab = ((x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+    within = (k_aa.sum() - k_aa.diagonal().sum()) / (n1 * (n1 - 1)) + (k_bb.sum() - k_bb.diagonal().sum()) / (n2 * (n2 - 1))
+    return (within - 2 * k_ab.mean()).item()
+
+
+def caption_ranks(image_f: torch.Tensor, text_f: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, int]:
+    """The rank (1 = best) of each image's own caption among the distinct captions of the set.
+
+    Image i belongs with captions[i]; the candidates are the distinct texts of `captions` (two
+    images may share a caption word for word: it is then one candidate, right for both), ranked
+    by cosine similarity with the image. Returns (ranks, number of candidates).
+    """
+    if len(captions) != len(image_f) or len(captions) != len(text_f):
+        raise ValueError(f"caption_ranks: {len(image_f)} images, {len(text_f)} text features, {len(captions)} captions")
+    distinct = list(dict.fromkeys(captions))
+    first = {text: captions.index(text) for text in distinct}
+    candidates = torch.nn.functional.normalize(text_f[[first[t] for t in distinct]].double(), dim=-1)
+    sim = torch.nn.functional.normalize(image_f.double(), dim=-1) @ candidates.T  # (images, distinct captions)
+    own = torch.tensor([distinct.index(c) for c in captions])
+    own_sim = sim.gather(1, own[:, None])
+    return 1 + (sim > own_sim).sum(1), len(distinct)
+
+
+def retrieval_figures(ranks: torch.Tensor) -> dict[str, float]:
+    """top-1 and top-5 rates and the mean rank of a set of caption ranks."""
+    ranks = ranks.double()
+    return {"top1": (ranks <= 1).double().mean().item(), "top5": (ranks <= 5).double().mean().item(),
+            "mean_rank": ranks.mean().item()}
+
+
+def chance_figures(candidates: int) -> dict[str, float]:
+    """What a ranking at random scores among `candidates` captions."""
+    return {"top1": 1 / candidates, "top5": min(5, candidates) / candidates, "mean_rank": (candidates + 1) / 2}
+
+
+def bootstrap_interval(statistic: Callable[[torch.Tensor], dict[str, float]], n: int, resamples: int = 200,
+                       seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals (Efron & Tibshirani 1993, ch. 13) of each figure `statistic`
+    returns, from `resamples` draws of n indices with replacement (one index set per draw, shared
+    by all figures; a fixed seed, so the same data gives the same interval)."""
+    if resamples < 1:
+        return {}
+    g = torch.Generator().manual_seed(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        for key, value in statistic(torch.randint(0, n, (n,), generator=g)).items():
+            draws.setdefault(key, []).append(value)
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    return {k: (float(np.quantile(v, lo)), float(np.quantile(v, hi))) for k, v in draws.items()}
+
+
+class IncomparableMetricsError(ValueError):
+    """Two sets of figures made with different feature networks or a different number of images."""
+
+
+def network_weights(identity: str) -> str:
+    """The part of a feature network's identity that names its weights: "clip@1a2b3c4d" for
+    "clip:runs/demo/clip@1a2b3c4d" (the path may differ between machines; the weights may not)."""
+    kind, _, rest = identity.partition(":")
+    return f"{kind}@{rest.rpartition('@')[2]}" if "@" in rest else identity
+
+
+def check_comparable(ours: dict, theirs: dict, what: str = "these figures", other: str = "the others") -> None:
+    """Refuse to compare FID/KID/retrieval figures made with another feature network or another N:
+    an FID in CLIP features and one in Inception features, or over 100 and 1,000 images, are
+    different numbers, not a better and a worse model. Each dict holds "features" and "n"."""
+    problems = []
+    if network_weights(str(ours.get("features"))) != network_weights(str(theirs.get("features"))):
+        problems.append(f"feature network {ours.get('features')!r} vs {theirs.get('features')!r}")
+    if ours.get("n") != theirs.get("n"):
+        problems.append(f"n {ours.get('n')!r} vs {theirs.get('n')!r} images")
+    if problems:
+        raise IncomparableMetricsError(f"{what} cannot be compared with {other}: {'; '.join(problems)}. "
+                                       "Measure both with the same features and n.")

@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.metrics import FeatureNet, fid_kid, inception_features, psnr, reconstruction_metrics, ssim
+from ldm.metrics import (FeatureNet, IncomparableMetricsError, bootstrap_interval, caption_ranks, chance_figures,
+                         check_comparable, fid_kid, frechet_distance, inception_features, kernel_distance,
+                         network_weights, psnr, reconstruction_metrics, retrieval_figures, ssim)
 
 
 def smooth_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -134,3 +136,83 @@ def test_default_inception_network_from_a_local_file(tmp_path, monkeypatch):
     assert net(real).shape == (4, 2048)
     scores = reconstruction_metrics(real, smooth_images(4, size=32, seed=6), fid=True, features=net)
     assert math.isfinite(scores["rfid"]) and scores["rfid"] > 0
+
+
+# ----------------------------------------------------------------------------- generated vs real (issue #19)
+
+
+def _gaussian_features(n: int, d: int, shift: float = 0.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, d, dtype=torch.float64) + shift
+
+
+@pytest.mark.parametrize("d", [8, 140])  # fewer and more dimensions than images
+@pytest.mark.filterwarnings("ignore:.*will save all extracted features")
+def test_frechet_and_kernel_distances_equal_torchmetrics(d):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, fake = _gaussian_features(120, d, seed=1), _gaussian_features(100, d, shift=0.3, seed=2)
+    identity = FeatureNet(nn.Identity(), d)
+    fid = FrechetInceptionDistance(feature=identity)
+    kid = KernelInceptionDistance(feature=identity, subsets=1, subset_size=100)  # the whole fake set: a permutation
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    assert frechet_distance(real, fake) == pytest.approx(fid.compute().item(), rel=1e-4)
+    # torchmetrics takes 100 of the 120 real ones; on equal sets the full-pair estimate is the same
+    kid_same = KernelInceptionDistance(feature=identity, subsets=1, subset_size=100)
+    kid_same.update(real[:100], real=True)
+    kid_same.update(fake, real=False)
+    assert kernel_distance(real[:100], fake) == pytest.approx(kid_same.compute()[0].item(), rel=1e-6)
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-8)
+    far = _gaussian_features(100, d, shift=1.0, seed=2)
+    assert frechet_distance(real, far) > frechet_distance(real, fake) and kernel_distance(real, far) > kernel_distance(real, fake)
+
+
+def test_distances_need_two_images():
+    with pytest.raises(ValueError, match="at least 2 images per set, got 1 real"):
+        frechet_distance(torch.zeros(1, 4), torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="KID needs at least 2"):
+        kernel_distance(torch.zeros(5, 4), torch.zeros(1, 4))
+
+
+def test_caption_ranks_find_the_own_caption_and_merge_identical_texts():
+    captions = ["red", "blue", "green", "red"]  # "red" twice: one candidate, right for images 0 and 3
+    text = torch.eye(3, dtype=torch.float64)[[0, 1, 2, 0]]
+    image = torch.tensor([[1.0, 0.1, 0.0],    # nearest "red": rank 1
+                          [0.9, 0.5, 0.0],    # "red" beats its "blue": rank 2
+                          [0.3, 0.2, 0.1],    # "green" last of 3: rank 3
+                          [0.2, 0.0, 0.9]])   # "green" beats its "red": rank 2
+    ranks, candidates = caption_ranks(image, text, captions)
+    assert candidates == 3 and ranks.tolist() == [1, 2, 3, 2]
+    figures = retrieval_figures(ranks)
+    assert figures == {"top1": 0.25, "top5": 1.0, "mean_rank": 2.0}
+    assert chance_figures(3) == {"top1": 1 / 3, "top5": 1.0, "mean_rank": 2.0}
+    assert chance_figures(200)["top1"] == 1 / 200 and chance_figures(200)["top5"] == 5 / 200
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_more_data():
+    def rate(values):
+        return lambda idx: {"mean": values[idx].double().mean().item()}
+
+    small = (torch.arange(40) % 4 == 0).float()     # rate 0.25 over 40 items
+    large = (torch.arange(1000) % 4 == 0).float()   # the same rate over 1,000
+    lo_s, hi_s = bootstrap_interval(rate(small), len(small), resamples=300)["mean"]
+    lo_l, hi_l = bootstrap_interval(rate(large), len(large), resamples=300)["mean"]
+    assert lo_s < 0.25 < hi_s and lo_l < 0.25 < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 3  # ~1/sqrt(25) as wide
+    assert bootstrap_interval(rate(small), 40, resamples=50) == bootstrap_interval(rate(small), 40, resamples=50)  # seeded
+    assert bootstrap_interval(rate(small), 40, resamples=0) == {}
+
+
+def test_check_comparable_refuses_another_network_or_n_and_ignores_the_path():
+    ours = {"features": "clip:runs/demo/clip@aaaa1111", "n": 200}
+    check_comparable(ours, {"features": "clip:/elsewhere/clip@aaaa1111", "n": 200})  # same weights, moved
+    with pytest.raises(IncomparableMetricsError, match="feature network.*inception"):
+        check_comparable(ours, {"features": "inception:/w/pt_inception.pth@bbbb2222", "n": 200})
+    with pytest.raises(IncomparableMetricsError, match="feature network"):
+        check_comparable(ours, {"features": "clip:runs/demo/clip@cccc3333", "n": 200})  # retrained CLIP
+    with pytest.raises(IncomparableMetricsError, match="n 200 vs 100"):
+        check_comparable(ours, {"features": ours["features"], "n": 100})
+    assert network_weights("clip:runs/demo/clip@aaaa1111") == "clip@aaaa1111"

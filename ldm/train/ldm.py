@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import time
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -40,6 +41,8 @@ from ldm.models.single_file import model_path_problem
 from ldm.models.text import encode_prompts
 from ldm.models.unet import FinetuneSource, UNetModelConfig, build_unet, downsampling, finetune_source
 from ldm.models.vae import load_vae, weights_hash
+from ldm.quality import (QualityEval, Stopwatch, check_run_history, check_spec, data_config_of_cache, default_features,
+                         load_feature_network, real_images, summary_line)
 from ldm.sampling import decode_latents, denoise, initial_noise, make_scheduler, seeded_generators
 from ldm.train.common import (LoopConfig, lr_lambda, make_accelerator, make_optimizer,
                               register_schedule, resume, sample_generators, save_checkpoint, start_run, uniform)
@@ -56,6 +59,16 @@ class ValidationConfig:
     guidance_scale: float = 4.0
     scheduler: str = "dpm++2m"
     held_out_batches: int = 4       # batches of held-out latents for the validation loss (fixed noise and t)
+    quality_n: int = 200            # held-out images (their captions the prompts, fixed seeds) for FID, KID and
+                                    # caption retrieval at each evaluation (ldm/quality.py); 0: off
+    features: str = ""              # the network for those: "clip:<dir>" | "inception:<file>" | "": text.encoder
+                                    # when train_clip.py made it (it has the image tower), else off
+    bootstrap: int = 200            # resamples for the 95% intervals of each figure (0: no intervals)
+
+    def validate(self) -> None:
+        require(self.quality_n >= 0, f"validation.quality_n must be >= 0, got {self.quality_n}")
+        require(self.bootstrap >= 0, f"validation.bootstrap must be >= 0, got {self.bootstrap}")
+        check_spec("validation.features", self.features)
 
 
 @dataclasses.dataclass
@@ -350,10 +363,13 @@ def conditioning(cfg: LDMTrainConfig, cache: LatentCache, indices: list[int], te
 
 
 class Validator:
-    """Held-out loss and a sample grid, with what stays fixed across a run set up once.
+    """Held-out loss, a sample grid and the quality figures, with what stays fixed across a run set up once.
 
     The loss uses fixed noise and timesteps (and the training loss weights), so its values
-    compare across steps and runs; the grid has one row per prompt, one column per seed.
+    compare across steps and runs; the grid has one row per prompt, one column per seed. With
+    validation.quality_n, N images generated from held-out captions (image i from seed i) are
+    measured against the real held-out images (`ldm.quality.QualityEval`); the figures go to
+    metrics.jsonl as quality/*, the last ones to eval.json, and each evaluation's cost to eval/*.
     """
 
     def __init__(self, cfg: LDMTrainConfig, vae, text_encoder, tokenizer, held_out: LatentCache,
@@ -362,6 +378,24 @@ class Validator:
         self.held_out, self.latent_hw, self.out_dir, self.log = held_out, latent_hw, out_dir, log
         bs, limit = cfg.train.batch_size, cfg.validation.held_out_batches
         self.batches = [items[s : s + bs] for items in held_out.size_groups().values() for s in range(0, len(items), bs)][:limit]
+        self.watch, self.quality, self.network = Stopwatch(), None, None
+        self.setup_quality()
+
+    def setup_quality(self) -> None:
+        """Choose the feature network and N, and refuse a resumed run measured with others."""
+        val = self.cfg.validation
+        if not val.quality_n:
+            return
+        spec, why = (val.features, "") if val.features else default_features(self.cfg.text.encoder)
+        if not spec:
+            print(f"quality evaluation off: {why}")
+            return
+        self.network = load_feature_network(spec)
+        self.n = min(val.quality_n, len(self.held_out))
+        if self.n < val.quality_n:
+            print(f"quality evaluation: validation.quality_n={val.quality_n}, but the cache holds {len(self.held_out)} "
+                  f"held-out images: n={self.n}")
+        check_run_history(self.out_dir / "metrics.jsonl", self.network.identity, self.n)
 
     @torch.no_grad()
     def __call__(self, unet, noise_scheduler, step: int) -> None:
@@ -369,34 +403,68 @@ class Validator:
         unet.eval()
         val, clip_skip = self.cfg.validation, self.cfg.text.clip_skip
         device = next(unet.parameters()).device
-        gen = torch.Generator().manual_seed(1234)
-        losses = []
-        for indices in self.batches:
-            latents = self.held_out.latents(indices, generator=gen).to(device)
-            prompts = [self.held_out.captions[i][0] for i in indices]
-            cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip=clip_skip)
-            noisy, t, target, weights = noised_inputs(noise_scheduler, self.cfg.noise, latents, gen)
-            pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-            losses.append(diffusion_loss(pred, target, weights).item())
-        if val.prompts and val.seeds:
-            images = self.grid(unet, device)
-            (self.out_dir / "samples").mkdir(exist_ok=True)
-            image_grid(images * 2 - 1, nrow=len(val.seeds)).save(self.out_dir / "samples" / f"step-{step:06d}.png")
-        self.log.write(step, **({"val_loss": sum(losses) / len(losses)} if losses else {}))
+        with self.watch:
+            gen = torch.Generator().manual_seed(1234)
+            losses = []
+            for indices in self.batches:
+                latents = self.held_out.latents(indices, generator=gen).to(device)
+                prompts = [self.held_out.captions[i][0] for i in indices]
+                cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip=clip_skip)
+                noisy, t, target, weights = noised_inputs(noise_scheduler, self.cfg.noise, latents, gen)
+                pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+                losses.append(diffusion_loss(pred, target, weights).item())
+            if val.prompts and val.seeds:
+                images = self.grid(unet, device)
+                (self.out_dir / "samples").mkdir(exist_ok=True)
+                image_grid(images * 2 - 1, nrow=len(val.seeds)).save(self.out_dir / "samples" / f"step-{step:06d}.png")
+            figures = self.measure_quality(unet, device) if self.network is not None else {}
+        values = {"val_loss": sum(losses) / len(losses)} if losses else {}
+        values.update({f"quality/{k}": v for k, v in figures.items()})
+        run_seconds = time.time() - self.log.t0
+        # the cost of evaluating against the whole run so far (this session's, when resumed)
+        values.update({"eval/seconds": self.watch.last, "eval/fraction": self.watch.seconds / max(run_seconds, 1e-9)})
+        self.log.write(step, **values)
+        if figures:
+            print(f"step {step} quality: {summary_line(figures)} ({self.watch.last:.1f} s)")
+        summary = {"step": step, **{k: v for k, v in values.items() if not k.startswith("quality/")},
+                   "eval/total_seconds": self.watch.seconds, "run_seconds": run_seconds}
+        if figures:
+            summary.update(features=figures["features"], n=figures["n"], quality=figures)
+        (self.out_dir / "eval.json").write_text(json.dumps(summary, indent=2))
         unet.train(was_training)
+
+    def measure_quality(self, unet, device) -> dict:
+        """Generate one image per held-out caption and measure them (the real images and the
+        fixed figures are read and computed at the first call, on the main process only)."""
+        if self.quality is None:
+            held_out, captions, reference = real_images(data_config_of_cache(self.held_out.manifest), self.n)
+            self.quality = QualityEval(self.network, held_out, captions, reference, resamples=self.cfg.validation.bootstrap)
+        quality = self.quality
+        images = self.sample(unet, device, quality.prompts, quality.seeds, self.cfg.train.batch_size)
+        return quality(images * 2 - 1)
 
     def grid(self, unet, device) -> torch.Tensor:
         """Images in [0, 1] for every (prompt, seed), sampled with the training schedule."""
+        val = self.cfg.validation
+        return self.sample(unet, device, [p for p in val.prompts for _ in val.seeds],
+                           [s for _ in val.prompts for s in val.seeds])
+
+    def sample(self, unet, device, prompts: list[str], seeds: list[int], batch_size: int | None = None) -> torch.Tensor:
+        """Images in [0, 1], image i from prompts[i] and seeds[i], `batch_size` at a time."""
         val, clip_skip = self.cfg.validation, self.cfg.text.clip_skip
-        scheduler = make_scheduler(val.scheduler, scheduler_config(self.cfg.noise))
-        prompts = [p for p in val.prompts for _ in val.seeds]
-        generators = seeded_generators([s for _ in val.prompts for s in val.seeds])
-        cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip=clip_skip)
-        uncond = encode_prompts(self.text_encoder, self.tokenizer, [""] * len(prompts), clip_skip=clip_skip)
-        noise = initial_noise((len(prompts), unet.config.in_channels, *self.latent_hw), generators, device, cond.dtype)
-        latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=val.steps, guidance_scale=val.guidance_scale,
-                          generator=generators)
-        return decode_latents(self.vae.to(device), latents).cpu()
+        batch_size = batch_size or len(prompts)
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            batch, batch_seeds = prompts[start : start + batch_size], seeds[start : start + batch_size]
+            scheduler = make_scheduler(val.scheduler, scheduler_config(self.cfg.noise))
+            generators = seeded_generators(batch_seeds)
+            cond = encode_prompts(self.text_encoder, self.tokenizer, batch, clip_skip=clip_skip)
+            uncond = encode_prompts(self.text_encoder, self.tokenizer, [""] * len(batch), clip_skip=clip_skip)
+            noise = initial_noise((len(batch), unet.config.in_channels, *self.latent_hw), generators, device, cond.dtype)
+            latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=val.steps,
+                              guidance_scale=val.guidance_scale, generator=generators)
+            out.append(decode_latents(self.vae.to(device), latents).cpu())
+        return torch.cat(out)
 
 
 def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, latent_hw: tuple[int, int], path: Path) -> None:

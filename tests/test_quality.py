@@ -1,0 +1,114 @@
+"""Generated vs real held-out images (ldm/quality.py, issue #19): the figures, their floor and
+ceiling, stage 3's in-loop evaluation and its refusal of another feature network."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fixtures_runs import latents, ldm_cfg  # noqa: F401  (fixture)
+from ldm.config import ConfigError, load_config
+from ldm.data.images import DataConfig
+from ldm.data.sources import SourceConfig
+from ldm.metrics import IncomparableMetricsError
+from ldm.quality import (FeatureNetwork, QualityEval, data_config_of_cache, default_features, load_feature_network,
+                         real_images)
+from ldm.train.clip import ClipTrainConfig, train_clip
+
+CLIP = ["data.source.size=64", "data.source.resolution=16", "data.transform.resolution=16", "data.eval_size=8",
+        "retrieval_candidates=8", "model.embed_dim=32", "model.image_width=32", "model.image_layers=1",
+        "model.image_head_width=16", "model.patch_size=8", "model.text_width=32", "model.text_layers=1",
+        "model.text_heads=2", "train.steps=20", "train.batch_size=32", "train.lr=0.003", "train.log_every=10"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny CLIP trained by train_clip.py for 20 steps on 16 px shapes."""
+    out = tmp_path_factory.mktemp("clip")
+    train_clip(load_config(ClipTrainConfig, None, [f"out_dir={out}", *CLIP]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shapes_sets():
+    """32 held-out and 32 training shapes at 16 px, with captions."""
+    data = DataConfig(source=SourceConfig(kind="shapes", size=64, resolution=16), eval_size=32)
+    data.transform.resolution = 16
+    return real_images(data, 32)
+
+
+def test_identical_images_reach_the_floor_and_ceiling_and_noise_does_not(clip_dir, shapes_sets):
+    held_out, captions, reference = shapes_sets
+    network = load_feature_network(f"clip:{clip_dir}")
+    assert network.identity.startswith(f"clip:{clip_dir}@") and len(network.identity.rpartition("@")[2]) == 8
+    quality = QualityEval(network, held_out, captions, reference, resamples=50)
+    assert quality.prompts == captions and len(set(quality.seeds)) == 32
+    same = quality(held_out)
+    noise = quality(torch.rand(held_out.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["kid"] < noise["kid"]  # (unbiased KID: < 0 on equal sets)
+    assert same["top1"] == same["top1_ceiling"] and same["mean_rank"] == same["mean_rank_ceiling"]
+    assert noise["fid"] > same["fid_floor"] > 0 and noise["kid"] > same["kid_floor"]
+    assert noise["fid_lo"] <= noise["fid"] <= noise["fid_hi"] and noise["top1_lo"] <= noise["top1"] <= noise["top1_hi"]
+    assert same["top1_chance"] == pytest.approx(1 / same["candidates"]) and same["candidates"] <= 32
+    assert noise["features"] == network.identity and noise["n"] == 32
+    assert quality(held_out) == same  # fixed seeds and resamples: the same images give the same figures
+
+
+def test_without_a_text_tower_or_captions_retrieval_is_skipped_and_fid_still_runs(clip_dir, shapes_sets):
+    held_out, captions, reference = shapes_sets
+    clip = load_feature_network(f"clip:{clip_dir}")
+    notes = []
+    image_only = QualityEval(FeatureNetwork("test:net@0", clip.image), held_out, captions, reference, 10, log=notes.append)
+    figures = image_only(held_out)
+    assert "fid" in figures and "top1" not in figures and "no text tower" in figures["retrieval_skipped"]
+    uncaptioned = QualityEval(clip, held_out, [""] * 31 + ["x"], reference, 10, log=notes.append)
+    assert "31 of the 32 held-out images have no caption" in uncaptioned(held_out)["retrieval_skipped"]
+    assert len(notes) == 2 and all(n.startswith("quality: caption retrieval skipped") for n in notes)
+    with pytest.raises(ValueError, match="at least 2 held-out and 2 training images.*has 1 held-out"):
+        QualityEval(clip, held_out[:1], captions[:1], reference[:1])
+
+
+def test_feature_specs(clip_dir, tmp_path):
+    assert default_features(str(clip_dir)) == (f"clip:{clip_dir}", "")
+    spec, why = default_features("tiny")
+    assert spec == "" and "not a CLIP trained by train_clip.py" in why
+    with pytest.raises(ValueError, match="no CLIP trained by train_clip.py"):
+        load_feature_network(f"clip:{tmp_path}")
+    with pytest.raises(ValueError, match="no Inception weights file"):
+        load_feature_network(f"inception:{tmp_path / 'missing.pth'}")
+    with pytest.raises(ValueError, match="not clip:<dir> or inception:<file>"):
+        load_feature_network("vgg:x")
+
+
+def test_stage3_measures_every_eval_and_refuses_another_n_on_resume(latents, clip_dir, tmp_path, capsys):  # noqa: F811
+    from ldm.train.ldm import train_ldm
+
+    out = tmp_path / "run"
+    extra = [f"text.encoder={clip_dir}", "train.steps=2", "train.eval_every=1", "train.save_every=1",
+             "validation.quality_n=200", "validation.steps=2", "validation.bootstrap=20"]
+    train_ldm(ldm_cfg(out, latents, *extra))
+    printed = capsys.readouterr().out
+    assert "quality_n=200, but the cache holds 4 held-out images: n=4" in printed and "step 1 quality: fid" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "quality/fid" in r]
+    assert [r["step"] for r in evals] == [1, 2]  # step 1 in the loop, step 2 at the end
+    for key in ("fid_lo", "fid_hi", "fid_floor", "kid", "kid_floor", "top1", "top1_ceiling", "top1_chance", "mean_rank"):
+        assert all(isinstance(r[f"quality/{key}"], float) for r in evals), key
+    assert all(r["eval/seconds"] > 0 and 0 < r["eval/fraction"] < 1 for r in evals)
+    assert evals[0]["quality/fid_floor"] == evals[1]["quality/fid_floor"]  # fixed across steps
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["step"] == 2 and summary["n"] == 4 and summary["features"].startswith(f"clip:{clip_dir}@")
+    assert summary["quality"]["fid"] == evals[1]["quality/fid"]
+    # the same run resumed with another N: its figures would not compare with the earlier ones
+    with pytest.raises(IncomparableMetricsError, match="n 2 vs 4"):
+        train_ldm(ldm_cfg(out, latents, *extra[:-2], "validation.quality_n=2"))
+
+
+def test_stage3_quality_config_is_checked_and_off_without_a_clip(latents, tmp_path, capsys):  # noqa: F811
+    with pytest.raises(ConfigError, match="validation.features: .*not clip:<dir> or inception:<file>"):
+        ldm_cfg(tmp_path, latents, "validation.features=vgg")
+    with pytest.raises(ConfigError, match="validation.quality_n must be >= 0"):
+        ldm_cfg(tmp_path, latents, "validation.quality_n=-1")
+    assert data_config_of_cache(json.loads((latents["cache"] / "manifest.json").read_text())).eval_size == 4

@@ -1,20 +1,34 @@
-"""Prompt adherence on `shapes`: generate for fixed prompts, read the images back, score.
+"""How good a text-to-image pipeline is: prompt adherence on `shapes`, and FID/KID/retrieval on any data.
 
 The analyzer (`ldm.data.shapes.analyze`) recovers colour, shape, size, position and background
 from a picture; comparing them with the attributes the prompt asked for gives per-attribute
 accuracy, a direct measure of whether a text-to-image model follows its prompts.
+
+On any image folder (captions in metadata.jsonl/csv or sidecar .txt), the measures of
+`ldm.quality` (FID and KID with the real-vs-real floor, caption retrieval with its ceiling,
+bootstrap intervals), for our pipelines, diffusers SD directories and single files alike:
+
+    python -m ldm.evaluate PIPELINE --data FOLDER [--features clip:DIR|inception:FILE] [--n 200]
+        [--steps 25 --guidance-scale 7.5 --scheduler NAME --seed 0] [--out DIR] [--compare OTHER/eval.json]
+
+writes DIR/eval.json and DIR/generated.png (the first 64 images). The held-out images are the
+data's held-out split (`data.eval_size` = N), the floor's reference the first N training images.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ldm.data import shapes
-from ldm.data.images import image_grid
+from ldm.data.images import DataConfig, image_grid
+from ldm.data.sources import SourceConfig
+from ldm.data.transforms import TransformConfig
 from ldm.infer import Pipeline, generate
 
 
@@ -76,3 +90,119 @@ def reconstruction_adherence(vae, resolution: int, batch_size: int = 64) -> dict
 def format_scores(scores: dict) -> str:
     order = ["color", "position", "shape", "size", "background", "all"]
     return "  ".join(f"{k} {scores[k]:.0%}" for k in order if k in scores)
+
+
+# ----------------------------------------------------------------------------- FID/KID/retrieval on any data
+
+
+def folder_data(path: str | Path, resolution: int, n: int) -> DataConfig:
+    """An imagefolder's data config with N held out, or half of the folder when it holds fewer than 2N
+    images (the other half is the floor's reference)."""
+    from ldm.data.sources import open_source
+
+    source = SourceConfig(kind="imagefolder", path=str(path))
+    total = len(open_source(source))
+    held_out = min(n, total // 2)
+    if held_out < n:
+        print(f"{path} holds {total} files: n={held_out} held-out images (and as many training ones for the floor) "
+              f"instead of {n}")
+    return DataConfig(source=source, transform=TransformConfig(resolution=resolution), eval_size=held_out)
+
+
+def pipeline_features(pipe: Pipeline) -> str:
+    """The default feature network of a pipeline: the CLIP whose text tower it was trained with, when
+    train_clip.py made it (ldm.json records it); else an error saying what to pass."""
+    from ldm.infer import _ldm_record
+    from ldm.quality import default_features
+
+    encoder = (_ldm_record(Path(pipe.path)).get("train_config") or {}).get("text", {}).get("encoder", "")
+    spec, why = default_features(encoder)
+    if not spec:
+        raise ValueError(f"--features: no default for {pipe.path}: {why.replace('validation.features', '--features')}")
+    return spec
+
+
+def evaluate_pipeline(pipe: Pipeline, data: DataConfig, features: str, n: int = 200, seed: int = 0, resamples: int = 200,
+                      out_dir: str | Path | None = None, compare: str | Path | None = None, batch_size: int = 16,
+                      **sampling) -> dict:
+    """FID, KID and caption retrieval of `pipe`'s images for the held-out captions of `data` (image i
+    from seed 100,000 x seed + i), with floor, ceiling and intervals (see ldm.quality). `compare`:
+    another eval.json, refused when made with another network or N. Writes out_dir/eval.json."""
+    from ldm.metrics import check_comparable
+    from ldm.quality import QualityEval, load_feature_network, real_images, summary_line
+
+    network = load_feature_network(features, pipe.device)
+    held_out, captions, reference = real_images(data, n)
+    quality = QualityEval(network, held_out, captions, reference, resamples=resamples, seed=seed)
+    other = None
+    if compare is not None:  # before the generation, the costly part
+        other = json.loads(Path(compare).read_text())
+        check_comparable({"features": network.identity, "n": quality.n}, other, "this evaluation", str(compare))
+    results = generate(pipe, quality.prompts, seeds=quality.seeds, batch_size=batch_size, **sampling)
+    images = torch.stack([torch.from_numpy(r["array"]).permute(2, 0, 1) for r in results]) * 2 - 1
+    figures = quality(images)
+    record = {"pipeline": pipe.path, "data": data.source.path, "features": figures["features"], "n": figures["n"],
+              "sampling": {k: v for k, v in results[0].items() if k in ("scheduler", "steps", "guidance_scale", "width", "height")},
+              "seed": seed, "quality": figures}
+    print(f"quality: {summary_line(figures)}")
+    if other is not None:
+        record["compared_with"] = {"path": str(compare), "quality": other.get("quality", {})}
+        print(format_comparison(figures, other.get("quality", {}), str(compare)))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.json").write_text(json.dumps(record, indent=2))
+        image_grid([r["image"] for r in results[:64]], nrow=8).save(out_dir / "generated.png")
+    return record
+
+
+def format_comparison(ours: dict, theirs: dict, label: str) -> str:
+    rows = [f"{'figure':<12}{'this':>12}{label[-28:]:>30}"]
+    for key in ("fid", "kid", "top1", "top5", "mean_rank", "fid_floor", "top1_ceiling"):
+        if key in ours and key in theirs:
+            rows.append(f"{key:<12}{ours[key]:>12.4g}{theirs[key]:>30.4g}")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ldm.evaluate", description=(
+        "FID, KID (with the real-vs-real floor) and caption retrieval (with the real images' ceiling) of a "
+        "pipeline's images for an image folder's held-out captions, with bootstrap 95%% intervals."))
+    p.add_argument("model", help="run dir, pipeline dir, SD diffusers dir, or single-file .safetensors")
+    p.add_argument("--data", required=True, help="image folder (captions: metadata.jsonl/csv or sidecar .txt)")
+    p.add_argument("--features", default="", help="clip:DIR (a CLIP from train_clip.py) or inception:FILE; default: "
+                   "the CLIP whose text tower the pipeline was trained with")
+    p.add_argument("--n", type=int, default=200, help="held-out images and prompts (one image each)")
+    p.add_argument("--resolution", type=int, help="px the real images are resized to; default: the model's native size")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--scheduler", help="sampler short name; default: the pipeline's")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed 100000 x SEED + i")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples for the 95%% intervals")
+    p.add_argument("--device", help="cuda | mps | cpu (default: the best available)")
+    p.add_argument("--compare", help="another eval.json: print side by side; refused if its network or n differ")
+    p.add_argument("--out", default="outputs/eval", help="output directory (eval.json, generated.png)")
+    return p
+
+
+def main(argv=None) -> None:
+    from ldm.infer import load_pipeline
+    from ldm.metrics import IncomparableMetricsError
+
+    args = build_parser().parse_args(argv)
+    if args.n < 2:
+        sys.exit("--n must be >= 2: FID and KID need two images per set")
+    pipe = load_pipeline(args.model, device=args.device)
+    try:
+        features = args.features or pipeline_features(pipe)
+        data = folder_data(args.data, args.resolution or pipe.native_size, args.n)
+        evaluate_pipeline(pipe, data, features, n=args.n, seed=args.seed, resamples=args.bootstrap, out_dir=args.out,
+                          compare=args.compare, batch_size=args.batch_size, steps=args.steps,
+                          guidance_scale=args.guidance_scale, scheduler=args.scheduler)
+    except (ValueError, FileNotFoundError, IncomparableMetricsError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from fixtures_runs import latents, ldm_cfg  # noqa: F401  (fixture)
 from ldm.config import ConfigError, load_config
-from ldm.data.images import DataConfig
+from ldm.data.images import DataConfig, load_images
 from ldm.data.sources import SourceConfig
 from ldm.metrics import IncomparableMetricsError
 from ldm.quality import (FeatureNetwork, QualityEval, data_config_of_cache, default_features, load_feature_network,
@@ -82,15 +83,23 @@ def test_feature_specs(clip_dir, tmp_path):
         load_feature_network("vgg:x")
 
 
-def test_stage3_measures_every_eval_and_refuses_another_n_on_resume(latents, clip_dir, tmp_path, capsys):  # noqa: F811
+@pytest.fixture(scope="module")
+def ldm_run(latents, clip_dir, tmp_path_factory):  # noqa: F811
+    """A 2-step stage-3 run conditioned on the tiny CLIP's text tower, measured at steps 1 and 2."""
     from ldm.train.ldm import train_ldm
 
-    out = tmp_path / "run"
-    extra = [f"text.encoder={clip_dir}", "train.steps=2", "train.eval_every=1", "train.save_every=1",
-             "validation.quality_n=200", "validation.steps=2", "validation.bootstrap=20"]
-    train_ldm(ldm_cfg(out, latents, *extra))
-    printed = capsys.readouterr().out
-    assert "quality_n=200, but the cache holds 4 held-out images: n=4" in printed and "step 1 quality: fid" in printed
+    out = tmp_path_factory.mktemp("ldm") / "run"
+    train_ldm(ldm_cfg(out, latents, *LDM_QUALITY(clip_dir)))
+    return out
+
+
+def LDM_QUALITY(clip_dir) -> list[str]:
+    return [f"text.encoder={clip_dir}", "train.steps=2", "train.eval_every=1", "train.save_every=1",
+            "validation.quality_n=200", "validation.steps=2", "validation.bootstrap=20"]
+
+
+def test_stage3_measures_every_eval(ldm_run, clip_dir):
+    out = ldm_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "quality/fid" in r]
     assert [r["step"] for r in evals] == [1, 2]  # step 1 in the loop, step 2 at the end
@@ -98,12 +107,59 @@ def test_stage3_measures_every_eval_and_refuses_another_n_on_resume(latents, cli
         assert all(isinstance(r[f"quality/{key}"], float) for r in evals), key
     assert all(r["eval/seconds"] > 0 and 0 < r["eval/fraction"] < 1 for r in evals)
     assert evals[0]["quality/fid_floor"] == evals[1]["quality/fid_floor"]  # fixed across steps
+    assert evals[0]["quality/n"] == 4  # quality_n=200, but the cache holds 4 held-out images
     summary = json.loads((out / "eval.json").read_text())
     assert summary["step"] == 2 and summary["n"] == 4 and summary["features"].startswith(f"clip:{clip_dir}@")
     assert summary["quality"]["fid"] == evals[1]["quality/fid"]
+
+
+def test_stage3_resumed_with_another_n_is_refused(ldm_run, latents, clip_dir):  # noqa: F811
+    from ldm.train.ldm import train_ldm
+
     # the same run resumed with another N: its figures would not compare with the earlier ones
     with pytest.raises(IncomparableMetricsError, match="n 2 vs 4"):
-        train_ldm(ldm_cfg(out, latents, *extra[:-2], "validation.quality_n=2"))
+        train_ldm(ldm_cfg(ldm_run, latents, *LDM_QUALITY(clip_dir), "validation.quality_n=2"))
+
+
+def _folder(root, n: int, captions: bool):
+    """n shapes images at 16 px as PNG files, with metadata.jsonl captions or none."""
+    data = DataConfig(source=SourceConfig(kind="shapes", size=n, resolution=16), eval_size=0)
+    data.transform.resolution = 16
+    store = load_images(data, "train", desc="")
+    root.mkdir()
+    rows = []
+    for i in range(n):
+        Image.fromarray(store.images[i].permute(1, 2, 0).numpy()).save(root / f"{i:03d}.png")
+        rows.append(json.dumps({"file_name": f"{i:03d}.png", "text": store.captions[i][0]}))
+    if captions:
+        (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_evaluate_cli_on_a_folder_and_compare(ldm_run, tmp_path, capsys):
+    from ldm.evaluate import main
+
+    folder = _folder(tmp_path / "images", 12, captions=True)
+    args = [str(ldm_run), "--data", str(folder), "--n", "4", "--steps", "2", "--bootstrap", "10", "--device", "cpu"]
+    main([*args, "--out", str(tmp_path / "a")])
+    first = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert first["n"] == 4 and first["features"].startswith("clip:")  # the CLIP the pipeline was trained with
+    assert {"fid", "fid_floor", "kid", "top1", "top1_ceiling", "mean_rank_chance"} <= set(first["quality"])
+    assert (tmp_path / "a" / "generated.png").is_file()
+    main([*args, "--out", str(tmp_path / "b"), "--compare", str(tmp_path / "a" / "eval.json")])
+    second = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert second["quality"]["fid"] == pytest.approx(first["quality"]["fid"])  # fixed seeds: the same images
+    assert second["compared_with"]["quality"] == first["quality"]
+    with pytest.raises(SystemExit, match="cannot be compared.*n 3 vs 4"):
+        main([*args[:4], "3", *args[5:], "--out", str(tmp_path / "c"), "--compare", str(tmp_path / "a" / "eval.json")])
+    assert not (tmp_path / "c").exists()
+    # without captions: FID/KID still run, retrieval is skipped with a note
+    bare = _folder(tmp_path / "bare", 12, captions=False)
+    main([str(ldm_run), "--data", str(bare), "--n", "4", "--steps", "2", "--bootstrap", "0", "--out", str(tmp_path / "d")])
+    record = json.loads((tmp_path / "d" / "eval.json").read_text())
+    assert "fid" in record["quality"] and "top1" not in record["quality"]
+    assert "have no caption" in record["quality"]["retrieval_skipped"]
+    assert "caption retrieval skipped" in capsys.readouterr().out
 
 
 def test_stage3_quality_config_is_checked_and_off_without_a_clip(latents, tmp_path, capsys):  # noqa: F811

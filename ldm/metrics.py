@@ -2,8 +2,8 @@
 
 Images are float tensors in [-1, 1], (B, 3, H, W), everywhere in this package, and so is the
 input of a feature network here: any `nn.Module` (or callable, through `FeatureNet`) mapping such
-images to (B, D) features. FID and KID are torchmetrics'; we compute the features once and hand
-them to both. The default network is Inception-v3 with torch-fidelity's FID weights, used only
+images to (B, D) features. FID and KID are computed from the features (once per image) in closed
+form, checked against torchmetrics' in the tests. The default network is Inception-v3 with torch-fidelity's FID weights, used only
 from a file on disk (`inception_features`; torch-fidelity would download it into torch's hub
 cache, `default_inception_path()`). Offline, or on a domain far from ImageNet, pass another
 network, e.g. the image tower of a CLIP trained on your own data:
@@ -13,7 +13,6 @@ network, e.g. the image tower of a CLIP trained on your own data:
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -109,28 +108,13 @@ def extract_features(images: torch.Tensor, features: nn.Module, batch_size: int 
     return torch.cat(out)
 
 
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, features: nn.Module, kid_subset: int = 50) -> dict[str, float]:
-    """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) between two sets of images in [-1, 1].
-
-    The features are computed once and passed to torchmetrics through an identity "network"
-    (it counts samples by the first dimension), so the real network runs once per image.
-    """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, features: nn.Module) -> dict[str, float]:
+    """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) between two sets of images in [-1, 1];
+    the network runs once per image (`frechet_distance`, `kernel_distance` below)."""
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID/KID need at least 2 images per set, got {len(real)} real and {len(fake)} fake")
     real_f, fake_f = extract_features(real, features), extract_features(fake, features)
-    identity = FeatureNet(nn.Identity(), real_f.shape[1])
-    with warnings.catch_warnings():  # KID warns that it keeps all features: these are already in memory
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        fid = FrechetInceptionDistance(feature=identity)
-        kid = KernelInceptionDistance(feature=identity, subset_size=min(kid_subset, len(real), len(fake)))
-    for metric in (fid, kid):
-        metric.update(real_f, real=True)
-        metric.update(fake_f, real=False)
-    kid_mean, _ = kid.compute()
-    return {"fid": fid.compute().item(), "kid": kid_mean.item()}
+    return {"fid": frechet_distance(real_f, fake_f), "kid": kernel_distance(real_f, fake_f)}
 
 
 def reconstruction_metrics(real: torch.Tensor, recon: torch.Tensor, fid: bool = False,

@@ -216,8 +216,9 @@ def summary_line(figures: dict) -> str:
     return f"{', '.join(parts)}; {figures['features']}, n={figures['n']}"
 
 
-def earlier_figures(metrics_path: Path) -> dict | None:
-    """The last quality figures a run's metrics.jsonl holds ({"features", "n"}), or None."""
+def earlier_figures(metrics_path: Path, prefix: str = "quality/") -> dict | None:
+    """The network and N of the last figures a run's metrics.jsonl holds under `prefix`
+    ({"features", "n", "step"}), or None."""
     if not metrics_path.is_file():
         return None
     found = None
@@ -226,18 +227,19 @@ def earlier_figures(metrics_path: Path) -> dict | None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line of a killed run
-        if isinstance(record, dict) and "quality/features" in record:
-            found = {"features": record["quality/features"], "n": record.get("quality/n"), "step": record.get("step")}
+        if isinstance(record, dict) and f"{prefix}features" in record:
+            found = {"features": record[f"{prefix}features"], "n": record.get(f"{prefix}n"), "step": record.get("step")}
     return found
 
 
-def check_run_history(metrics_path: Path, features: str, n: int) -> None:
+def check_run_history(metrics_path: Path, features: str, n: int, prefix: str = "quality/",
+                      keys: str = "validation.features/quality_n") -> None:
     """A resumed run must measure with the network and N its earlier figures were made with."""
-    earlier = earlier_figures(metrics_path)
+    earlier = earlier_figures(metrics_path, prefix)
     if earlier is not None:
-        check_comparable({"features": features, "n": n}, earlier, "this run's quality figures",
+        check_comparable({"features": features, "n": n}, earlier, "this run's figures",
                          f"the earlier ones in {metrics_path} (step {earlier['step']}); "
-                         "set validation.features/quality_n as before, or use a new out_dir")
+                         f"set {keys} as before, or use a new out_dir")
 
 
 class Stopwatch:

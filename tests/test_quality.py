@@ -168,3 +168,21 @@ def test_stage3_quality_config_is_checked_and_off_without_a_clip(latents, tmp_pa
     with pytest.raises(ConfigError, match="validation.quality_n must be >= 0"):
         ldm_cfg(tmp_path, latents, "validation.quality_n=-1")
     assert data_config_of_cache(json.loads((latents["cache"] / "manifest.json").read_text())).eval_size == 4
+
+
+def test_stage1_rfid_and_rkid_with_the_run_clip_named(clip_dir, tmp_path):
+    from ldm.train.vae import VAETrainConfig, train_vae
+
+    args = ["data.source.kind=shapes", "data.source.size=16", "data.source.resolution=16", "data.transform.resolution=16",
+            "data.eval_size=6", "model.preset=tiny-f4", "train.batch_size=4", "train.steps=2", "train.eval_every=1",
+            "train.log_every=1", "scale_images=8", f"features=clip:{clip_dir}", f"out_dir={tmp_path / 'vae'}"]
+    train_vae(load_config(VAETrainConfig, None, args))
+    results = json.loads((tmp_path / "vae" / "eval.json").read_text())
+    assert results["features"].startswith(f"clip:{clip_dir}@") and results["n"] == 6
+    assert results["rfid"] > 0 and isinstance(results["rkid"], float) and results["psnr"] > 0
+    records = [json.loads(line) for line in (tmp_path / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("eval/features") == results["features"] and "eval/rfid" in r for r in records)
+    with pytest.raises(IncomparableMetricsError, match="n 5 vs 6"):  # resumed with another held-out N
+        train_vae(load_config(VAETrainConfig, None, [*args, "data.eval_size=5", "train.steps=3"]))
+    with pytest.raises(ConfigError, match="features: .*no CLIP trained by train_clip.py"):
+        load_config(VAETrainConfig, None, [*args, f"features=clip:{tmp_path}"])

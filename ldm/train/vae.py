@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 from ldm.config import require
 from ldm.data.images import DataConfig, ImageStore, image_grid, load_images
 from ldm.losses import VAELoss, VAELossConfig
-from ldm.metrics import default_inception_path, inception_features, reconstruction_metrics
+from ldm.metrics import default_inception_path, reconstruction_metrics
 from ldm.models.vae import (VAEModelConfig, build_vae, downsample_factor, measure_latent_scale,
                             set_latent_scale)
+from ldm.quality import check_run_history, check_spec, load_feature_network
 from ldm.train.common import (register_schedule, LoopConfig, batch_indices, lr_lambda,
                               make_accelerator, make_optimizer, resume, save_checkpoint, start_run)
 
@@ -43,11 +44,14 @@ class VAETrainConfig:
     grid_images: int = 16              # held-out images in each reconstruction grid
     fid: bool = False                  # rFID/rKID on the held-out set with FID's Inception (see ldm.metrics)
     fid_weights: str = ""              # torch-fidelity's Inception weights file; "": torch's hub cache
+    features: str = ""                 # rFID/rKID with another network: "clip:<dir>" (train_clip.py's) or
+                                       # "inception:<file>" (ldm/quality.py); "": Inception when fid is true
 
     def validate(self) -> None:
         require(self.scale_images > 0, "scale_images must be > 0")
         require(self.crop_size >= 0, "crop_size must be >= 0")
-        if self.fid:
+        check_spec("features", self.features)
+        if self.fid and not self.features:
             weights = Path(self.fid_weights) if self.fid_weights else default_inception_path()
             require(weights.is_file(), f"fid: true needs FID's Inception weights on disk, not found at {weights}; "
                                        "set fid_weights to the file, or fid=false")
@@ -70,7 +74,8 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
     """Train (or fine-tune) the VAE; returns the exported AutoencoderKL directory.
 
     `features`: the network for rFID/rKID on held-out images (in [-1, 1] -> (B, D), see
-    ldm.metrics); default: Inception when `cfg.fid`, else no rFID.
+    ldm.metrics); default: the one `cfg.features` names, else Inception when `cfg.fid`, else no rFID.
+    The figures name the network (`features`, "custom" for a module passed here) and N.
     """
     out_dir = Path(cfg.out_dir)
     loop = cfg.train
@@ -86,8 +91,11 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
     require(len(train_set) >= loop.batch_size * accelerator.num_processes,
             f"only {len(train_set)} usable training images, fewer than one batch")
 
-    if features is None and cfg.fid:
-        features = inception_features(cfg.fid_weights or None).to(accelerator.device)
+    features_name = "custom" if features is not None else ""
+    if features is None and (cfg.features or cfg.fid):
+        network = load_feature_network(cfg.features or f"inception:{cfg.fid_weights}", accelerator.device)
+        features, features_name = network.image, network.identity
+        check_run_history(out_dir / "metrics.jsonl", features_name, len(eval_set), "eval/", "features/data.eval_size")
 
     # --- model, loss (logvar, LPIPS, discriminator), optimisers, EMA
     vae = build_vae(cfg.model, cfg.data.transform.resolution)
@@ -148,7 +156,7 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
             log.write(step, lr=sched.get_last_lr()[0], skipped=guard.total, **logs)
         if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps:
             with swapped_ema(ema, vae.parameters()):
-                results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg, features)
+                results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg, features, features_name)
             log.write(step, **{f"eval/{k}": v for k, v in results.items()})
         if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
             save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
@@ -161,7 +169,7 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
         if ema is not None:
             ema.copy_to(final.parameters())
         final.eval()
-        export_vae(final, train_set, eval_set, out_dir, cfg, features)
+        export_vae(final, train_set, eval_set, out_dir, cfg, features, features_name)
         log.write(step, **{f"final/{k}": v for k, v in json.loads((out_dir / "eval.json").read_text()).items() if isinstance(v, (int, float))})
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -209,8 +217,9 @@ class swapped_ema:
 
 @torch.no_grad()
 def evaluate_vae(vae, eval_set: ImageStore, grid_path: Path | None, cfg: VAETrainConfig,
-                 features: torch.nn.Module | None = None, batch_size: int = 32) -> dict:
-    """Held-out PSNR/SSIM (and rFID with `features`) from the posterior mode; saves a grid of pairs."""
+                 features: torch.nn.Module | None = None, features_name: str = "custom", batch_size: int = 32) -> dict:
+    """Held-out PSNR/SSIM (and rFID/rKID with `features`, named with the network and N) from the
+    posterior mode; saves a grid of pairs."""
     was_training = vae.training
     vae.eval()
     device = next(vae.parameters()).device
@@ -221,6 +230,8 @@ def evaluate_vae(vae, eval_set: ImageStore, grid_path: Path | None, cfg: VAETrai
         reals.append(x.cpu())
     real, recon = torch.cat(reals), torch.cat(recons)
     results = reconstruction_metrics(real, recon, fid=features is not None, features=features)
+    if features is not None:
+        results.update(features=features_name, n=len(real))
     if grid_path is not None:
         n = min(cfg.grid_images, len(real))
         pairs = torch.stack([real[:n], recon[:n]], 1).flatten(0, 1)
@@ -230,14 +241,14 @@ def evaluate_vae(vae, eval_set: ImageStore, grid_path: Path | None, cfg: VAETrai
 
 
 def export_vae(vae, train_set: ImageStore, eval_set: ImageStore, out_dir: Path, cfg: VAETrainConfig,
-               features: torch.nn.Module | None = None) -> None:
+               features: torch.nn.Module | None = None, features_name: str = "custom") -> None:
     """Measure the latent scale on training images, store it in the config, save, evaluate."""
     n = min(cfg.scale_images, len(train_set))
     batches = (train_set.batch(list(range(s, min(s + 32, n)))) for s in range(0, n, 32))
     scale, shift = measure_latent_scale(vae, batches, use_shift=cfg.model.use_shift)
     set_latent_scale(vae, scale, shift)
     vae.save_pretrained(out_dir / "vae", safe_serialization=True)
-    results = evaluate_vae(vae, eval_set, out_dir / "recon-final.png", cfg, features)
+    results = evaluate_vae(vae, eval_set, out_dir / "recon-final.png", cfg, features, features_name)
     results.update(held_out_latent_stats(vae, eval_set))
     results.update(scaling_factor=scale, shift_factor=shift, downsample_factor=downsample_factor(vae))
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2))

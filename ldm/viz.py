@@ -36,6 +36,9 @@ from ldm.diffusion import NoiseConfig, make_train_scheduler
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 DEFAULT_TIMESTEPS = (0, 50, 100, 250, 500, 750, 999)
 METRICS_IGNORED = ("step", "time", "skipped")  # bookkeeping, not curves
+IGNORED_SUFFIXES = ("/n", "/candidates")       # the size of an evaluation, not a curve
+INTERVAL_SUFFIXES = ("_lo", "_hi")              # a bootstrap interval: a band around its figure
+REFERENCE_SUFFIXES = ("_floor", "_ceiling", "_chance")  # what to read a figure against: a dashed line beside it
 MAX_CURVE_PANELS = 12
 
 
@@ -283,13 +286,22 @@ def metric_panels(records: list[dict], keys: list[str] | None = None) -> dict[st
     one-off `final/*` summary values are left out unless asked for."""
     logged = numeric_keys(records)
     if keys is None:
-        keys = [k for k in logged if k not in METRICS_IGNORED and not k.startswith("final/")]
+        keys = [k for k in logged if k not in METRICS_IGNORED and not k.startswith("final/") and not k.endswith(IGNORED_SUFFIXES)]
     else:
         keys = [k for k in keys if k in logged]
     panels: dict[str, list[str]] = {}
     for key in keys:
-        panels.setdefault("loss" if "loss" in key else key, []).append(key)
+        panels.setdefault(figure_of(key, logged) or ("loss" if "loss" in key else key), []).append(key)
     return panels
+
+
+def figure_of(key: str, logged: list[str]) -> str | None:
+    """The logged figure a key is drawn beside (quality/fid_lo, quality/fid_floor and quality/fid_floor_lo
+    -> quality/fid), or None for a figure of its own."""
+    base = key
+    for suffixes in (INTERVAL_SUFFIXES, REFERENCE_SUFFIXES):
+        base = next((base[: -len(s)] for s in suffixes if base.endswith(s)), base)
+    return base if base != key and base in logged else None
 
 
 def numeric_keys(records: list[dict]) -> list[str]:
@@ -351,13 +363,21 @@ def curves_figure(runs: dict[str, list[dict]], keys: list[str] | None = None, sm
         for r, (run, records) in enumerate(runs.items()):
             for k, key in enumerate(panel_keys):
                 steps, values = series(records, key)
-                if not len(steps):
+                if not len(steps) or key.endswith(INTERVAL_SUFFIXES) and key[:-3] in panel_keys:
+                    continue  # an interval is drawn as its figure's band
+                if key.endswith(REFERENCE_SUFFIXES):  # the floor, ceiling or chance of the panel's figure
+                    name = key.rpartition("_")[2]
+                    ax.axhline(values[-1], color=f"C{r}", linestyle=":" if name == "chance" else "--", linewidth=1,
+                               label=name if len(runs) == 1 else f"{run}: {name}")
                     continue
                 positive &= bool(np.all(values[np.isfinite(values)] > 0))
                 # a learning rate is a schedule, not a noisy measurement: smoothing would only make it lag
                 weight = 0.0 if key.startswith("lr") else smoothing
                 _draw_series(ax, steps, values, weight, color=f"C{r * len(panel_keys) + k}",
                              label=key if len(runs) == 1 else f"{run}: {key}")
+                (lo_steps, lo), (_, hi) = series(records, f"{key}_lo"), series(records, f"{key}_hi")
+                if len(lo) and len(lo) == len(hi):  # the bootstrap 95% interval
+                    ax.fill_between(lo_steps, lo, hi, color=f"C{r * len(panel_keys) + k}", alpha=0.2, linewidth=0)
         if title == "loss" and positive:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)

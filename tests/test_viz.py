@@ -237,3 +237,26 @@ def test_cli_reports_bad_input(tmp_path):
 def test_tiny_pipeline_is_tiny(tiny_pipeline_dir):
     """The fixture the app tests rely on: native size TINY_SIZE, so a generation takes a second."""
     assert load_pipeline(tiny_pipeline_dir, device="cpu").native_size == TINY_SIZE
+
+
+def test_quality_figures_share_a_panel_with_their_interval_floor_and_ceiling():
+    records = []
+    for step in (100, 200, 300):
+        records.append({"step": step, "loss": 1.0 / step})
+        records.append({"step": step, "quality/fid": 50.0 - step / 10, "quality/fid_lo": 45.0 - step / 10,
+                        "quality/fid_hi": 55.0 - step / 10, "quality/fid_floor": 3.0, "quality/fid_floor_lo": 2.0,
+                        "quality/fid_floor_hi": 4.0, "quality/top1": 0.2, "quality/top1_ceiling": 0.9,
+                        "quality/top1_chance": 0.01, "quality/n": 128, "quality/candidates": 100,
+                        "quality/features": "clip:runs/demo/clip@1234abcd", "eval/seconds": 9.0})
+    panels = metric_panels(records)
+    assert panels["quality/fid"] == ["quality/fid", "quality/fid_lo", "quality/fid_hi", "quality/fid_floor",
+                                     "quality/fid_floor_lo", "quality/fid_floor_hi"]
+    assert panels["quality/top1"] == ["quality/top1", "quality/top1_ceiling", "quality/top1_chance"]
+    assert set(panels) == {"loss", "quality/fid", "quality/top1", "eval/seconds"}  # n and candidates: bookkeeping
+    fig = curves_figure({"run": records})
+    fid_ax = next(ax for ax in fig.axes if ax.get_title() == "quality/fid")
+    labels = [line.get_label() for line in fid_ax.get_lines()]
+    assert labels == ["quality/fid", "floor"]  # the interval is a band, the floor a line at its value
+    assert len(fid_ax.collections) == 1 and fid_ax.get_lines()[1].get_ydata()[0] == 3.0
+    top1_ax = next(ax for ax in fig.axes if ax.get_title() == "quality/top1")
+    assert [line.get_label() for line in top1_ax.get_lines()] == ["quality/top1", "ceiling", "chance"]

@@ -437,6 +437,7 @@ class Validator:
         """Generate one image per held-out caption and measure them (the real images and the
         fixed figures are read and computed at the first call, on the main process only)."""
         if self.quality is None:
+            self.network.image.to(device)  # (a CLIP's text tower moves with its image tower: one module)
             held_out, captions, reference = real_images(data_config_of_cache(self.held_out.manifest), self.n)
             self.quality = QualityEval(self.network, held_out, captions, reference, resamples=self.cfg.validation.bootstrap)
         quality = self.quality

@@ -454,6 +454,9 @@ def _shapes_row(dataset, i: int) -> tuple[Image.Image, Any]:
 # --- imagefolder
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+# files at a folder's root that describe the dataset (a card, the held-out list that
+# `python -m ldm.data.prepare` writes): neither images nor captions, so not counted as skipped
+DATASET_FILES = ("README.md", "card.json", "heldout.txt")
 
 
 def _folder_items(cfg: SourceConfig) -> Opened:
@@ -463,7 +466,8 @@ def _folder_items(cfg: SourceConfig) -> Opened:
     if not root.is_dir():
         raise ConfigError(f"source.path {cfg.path!r} is not a directory")
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                   and p.relative_to(root).as_posix() not in DATASET_FILES)
     metadata = _read_metadata(root, files, cfg)
     ext = cfg.caption_ext.lower()
     sidecars = {_stem(f): f for f in files if f.lower().endswith(ext)}

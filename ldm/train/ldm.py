@@ -244,7 +244,8 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
         if cfg.lora.rank:
             save_lora(final, out_dir / "lora", name=out_dir.resolve().name)
             final = merge_lora(final)
-        export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline")
+        export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline",
+                        split=held_out.manifest.get("split"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir / "pipeline"
@@ -399,12 +400,14 @@ class Validator:
         return decode_latents(self.vae.to(device), latents).cpu()
 
 
-def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, latent_hw: tuple[int, int], path: Path) -> None:
+def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, latent_hw: tuple[int, int], path: Path,
+                    split: dict | None = None) -> None:
     """A StableDiffusionPipeline directory that diffusers loads as it is, plus `ldm.json`.
 
     The scheduler saved is `sample_scheduler` configured with the training schedule (prediction
     type, betas, zero-terminal-SNR rescaling, timestep spacing), so `from_pretrained` samples
-    the model as it was trained; ldm.json keeps the rest of the recipe.
+    the model as it was trained; ldm.json keeps the rest of the recipe, and `split` (the cache's
+    held-out set, ldm.data.split) says which images the held-out loss came from.
     """
     scheduler = make_scheduler(cfg.sample_scheduler, scheduler_config(cfg.noise))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -423,6 +426,7 @@ def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, lat
         "lora": to_dict(cfg.lora) if cfg.lora.rank else None,  # merged into unet/; the adapters alone in ../lora/
         "ema_decay": cfg.train.ema_decay,
         "validation": to_dict(cfg.validation),
+        "split": split,                                      # the held-out latents of val_loss (cache manifest)
         "train_config": to_dict(cfg),
     }
     (path / "ldm.json").write_text(json.dumps(info, indent=2))

@@ -242,3 +242,27 @@ def test_cache_manifest_records_the_split_and_refuses_another(sorted_folder, tmp
     assert record == load_images(cfg.data, "eval", desc="").split  # what the VAE and CLIP write in eval.json
     with pytest.raises(CacheMismatchError, match="split.eval_size: cache has 10, run expects 12"):
         encode_dataset(load_config(EncodeConfig, None, [*settings, "data.eval_size=12"]))
+
+
+def test_a_stage_refuses_to_evaluate_on_what_an_upstream_model_trained_on(sorted_folder, tmp_path):
+    import yaml
+
+    from ldm.data.split import covers, upstream_split_problem
+
+    root, _ = sorted_folder
+    source = {"kind": "imagefolder", "path": str(root)}
+    small, large = (plan_split(folder(root, eval_size=n)).record() for n in (8, 16))
+    assert covers(large, small) and covers(small, small) and not covers(small, large)
+    assert not covers(large, plan_split(folder(root, eval_fraction=0.05)).record())  # cannot tell: refused
+    shapes_small, shapes_large = (plan_split(DataConfig(eval_size=n)).record() for n in (8, 16))
+    assert covers(shapes_small, shapes_large)  # held-out shapes come from another seed: never trained on
+
+    run = tmp_path / "vae_run"  # what train_vae / train_clip leave: config.yaml and eval.json with `split`
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"source": source}}))
+    (run / "eval.json").write_text(json.dumps({"psnr": 30.0, "split": small}))
+    problem = upstream_split_problem(run, source, large, "this encode")
+    assert "eval_size=16 here" in problem and "eval_size=8 in its eval.json" in problem
+    assert "same data.eval_size" in problem
+    assert upstream_split_problem(run, source, small, "this encode") is None
+    assert upstream_split_problem(run, {**source, "path": "elsewhere"}, large, "this encode") is None  # other data

@@ -30,8 +30,9 @@ The manifest records the format version, the VAE weights' hash, its scaling and 
 resolution, bucket, crop and flip settings, the source and a fingerprint of its files, the
 held-out split (`split`: its rule and settings, the number of held-out keys and a SHA-256 of
 them, see ldm.data.split), the encode precision, the shard size and the counts.
-`open_cache(..., expect=...)` refuses a cache that does not match the run and says what differs; an encode refuses to add to a directory made
-with other settings unless overwrite=true. Shards are written atomically (temp file + rename),
+`open_cache(..., expect=...)` refuses a cache that does not match the run and says what
+differs; an encode refuses to add to a directory made with other settings unless
+overwrite=true, and refuses to hold out other images than the VAE's run did (ldm.data.split). Shards are written atomically (temp file + rename),
 and an interrupted encode resumes by skipping the shards that exist. With several processes
 (accelerate launch) process r encodes the shards k with k % world == r; a shard's batches depend
 on its own records only, so the result is the same as one process's.
@@ -58,10 +59,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors import safe_open
 from safetensors.torch import save
 
-from ldm.config import require
+from ldm.config import ConfigError, require
 from ldm.data.images import DataConfig, iter_prepared, plan_split
 from ldm.data.sources import DataReport, SourceConfig
-from ldm.data.split import HeldOut
+from ldm.data.split import HeldOut, upstream_split_problem
 from ldm.models.conditioning import TextEncoderConfig
 
 FORMAT = "ldm-latent-cache"
@@ -197,6 +198,10 @@ def encode_dataset(cfg: EncodeConfig, accelerator=None) -> Path:
     # important: the hash is taken before the cast, so it is the hash of the weights stage 3 loads
     heldout = plan_split(cfg.data)  # one plan for both passes: a stream's held-out keys are collected as they pass
     expected = expected_manifest(cfg, vae, dtype, heldout)
+    # the VAE's run (vae=<run>/vae): stage 3 must not evaluate on images the VAE trained on
+    problem = upstream_split_problem(Path(cfg.vae).parent, expected["source"], expected["split"], "this encode")
+    if problem:
+        raise ConfigError(problem)
     vae = _for_encoding(vae, accelerator.device, DTYPES[dtype])
 
     if accelerator.is_main_process:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from ldm.config import ConfigError, require
 from ldm.data.captions import CaptionConfig
 from ldm.data.sources import DataReport, Source, SourceConfig, check_compatible, open_source
-from ldm.data.split import LIST_RULE, SHAPES_RULE, SPLIT_RULE, HeldOut, check_listed, heldout_by_count, is_heldout, read_key_list
+from ldm.data.split import (LIST_RULE, SHAPES_RULE, SPLIT_RULE, HeldOut, check_listed, heldout_by_count, is_heldout,
+                            read_key_list)
 from ldm.data.transforms import TransformConfig, prepare_image
 
 
@@ -34,9 +35,11 @@ class DataConfig:
     transform: TransformConfig = dataclasses.field(default_factory=TransformConfig)
     captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
     # The held-out records, by a hash of each record's key (ldm.data.split), set in one of three ways:
-    eval_size: int | None = None  # the N records with the smallest key hash (null: 64 unless one of the next two is set; shapes: N drawn with another seed)
+    eval_size: int | None = None  # the N records with the smallest key hash (null: 64 unless one of the next two is
+                                  # set); shapes: N images drawn with another seed
     eval_fraction: float = 0.0    # or: each record whose key hash is below this fraction (works on streams)
-    heldout: str = ""             # or: a file of keys, one a line (like a prepared folder's heldout.txt), or a folder of images
+    heldout: str = ""             # or: a file of keys, one a line (like a prepared folder's heldout.txt), or a
+                                  # subfolder of the source, or a folder apart from it (read for evaluation only)
     max_images: int = 0      # use at most this many training images (0: all)
 
     @property
@@ -168,7 +171,8 @@ def _listed_split(cfg: DataConfig) -> HeldOut:
     root = Path(cfg.source.path).resolve() if cfg.source.kind == "imagefolder" else None
     folder = path.resolve()
     if root is not None and (folder == root or root.is_relative_to(folder)):
-        raise ConfigError(f"data.heldout: {cfg.heldout} holds the whole source {cfg.source.path}; name a subfolder or another folder")
+        raise ConfigError(f"data.heldout: {cfg.heldout} holds the whole source {cfg.source.path}; "
+                          "name a subfolder or another folder")
     if root is not None and folder.is_relative_to(root):
         prefix = folder.relative_to(root).as_posix() + "/"
         keys = frozenset(k for k in open_source(cfg.source).keys() if k.startswith(prefix))

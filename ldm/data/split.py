@@ -107,3 +107,52 @@ def check_listed(listed, found, list_file: str) -> None:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ConfigError(f"data.heldout: {list_file} names {len(missing)} key(s) the source does not have: "
                           f"{', '.join(missing[:5])}{more}")
+
+
+def covers(upstream: dict, downstream: dict) -> bool:
+    """Whether no record `downstream` holds out (split records of the same source) was trained on
+    upstream: the upstream held-out set includes the downstream one.
+
+    Count and fraction rules nest (a smaller count or fraction holds out a subset), so that is
+    decided from the settings; held-out shapes are drawn apart from every training image, at any
+    count; anything else only when the two sets are the same.
+    """
+    if upstream.get("keys_sha256") and upstream.get("keys_sha256") == downstream.get("keys_sha256"):
+        return True
+    if upstream.get("rule") != downstream.get("rule") or upstream.get("seed") != downstream.get("seed"):
+        return False
+    if upstream["rule"] == SHAPES_RULE:
+        return True
+    for nested in ("eval_size", "eval_fraction"):
+        if upstream.get(nested) is not None and downstream.get(nested) is not None:
+            return downstream[nested] <= upstream[nested]
+    return False
+
+
+def upstream_split_problem(run_dir: str | Path, source: dict, split: dict, stage: str) -> str | None:
+    """Why a stage's held-out split is unsafe against the run in `run_dir` (one that wrote
+    config.yaml and an eval.json with a `split`, e.g. the VAE's or the CLIP's), or None.
+
+    Only a run on the same source is compared: its held-out records must include all of ours, or
+    our held-out figures would be measured on images its model trained on.
+    """
+    import json
+
+    import yaml
+
+    run_dir = Path(run_dir)
+    config_file, eval_file = run_dir / "config.yaml", run_dir / "eval.json"
+    if not (config_file.is_file() and eval_file.is_file()):
+        return None
+    theirs = json.loads(eval_file.read_text()).get("split")
+    their_source = ((yaml.safe_load(config_file.read_text()) or {}).get("data") or {}).get("source")
+    if theirs is None or their_source != source or covers(theirs, split):
+        return None
+    return (f"{stage} holds out other images of this source than {run_dir} did ({_settings(split)} here, "
+            f"{_settings(theirs)} in its eval.json), so its held-out figures would include images that model "
+            "trained on; use the same data.eval_size / data.eval_fraction / data.heldout in every stage "
+            "(a smaller count or fraction than upstream is safe)")
+
+
+def _settings(record: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("count", "keys_sha256"))

@@ -14,7 +14,8 @@ Output (`<out_dir>/`):
                   joint space (`text_projection`, `logit_scale`); config.json: the open_clip
                   model config, image size and input range, and the resolved training config.
                   `load_clip_scorer(<out_dir>)` reads both for CLIP score / FID features.
-  eval.json       held-out retrieval of the exported model; metrics.jsonl, config.yaml,
+  eval.json       held-out retrieval of the exported model, and `split` (which images were
+                  held out, ldm.data.split); metrics.jsonl, config.yaml,
                   checkpoints/step-N/ (resume by re-running the same command)
 """
 

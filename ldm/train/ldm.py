@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ldm.config import ConfigError, require, to_dict
 from ldm.data.cache import LatentCache, open_cache, text_identity
 from ldm.data.captions import CaptionConfig, process_caption
+from ldm.data.split import upstream_split_problem
 from ldm.data.images import image_grid
 from ldm.data.transforms import BucketBatchSampler
 from ldm.diffusion import (SCHEDULE_KEYS, TrainNoiseConfig, fill_schedule, make_train_scheduler, noised_inputs,
@@ -153,6 +154,16 @@ def _component_dir(path: str, name: str) -> Path:
     return root / name if (root / name).is_dir() else root
 
 
+def check_clip_split(text_encoder: str, manifest: dict) -> None:
+    """A CLIP trained by train_clip on the cache's source must have held out every image the cache
+    holds out: its text tower conditions this stage, and its scores judge what this stage makes."""
+    if text_encoder and Path(text_encoder).is_dir():
+        problem = upstream_split_problem(text_encoder, manifest.get("source"), manifest.get("split") or {},
+                                         "the latent cache")
+        if problem:
+            raise ConfigError(problem)
+
+
 def train_ldm(cfg: LDMTrainConfig) -> Path:
     out_dir = Path(cfg.out_dir)
     loop = cfg.train
@@ -162,6 +173,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     vae = load_vae(cfg.vae)
     cache = open_cache(cfg.cache, "train", expect={"vae_hash": weights_hash(vae)})
     held_out = open_cache(cfg.cache, "eval")
+    check_clip_split(cfg.text.encoder, held_out.manifest)
     latent_hw = most_common_size(cache)
 
     log = start_run(accelerator, cfg, out_dir, "ldm")

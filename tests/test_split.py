@@ -162,6 +162,14 @@ def test_streams_hold_out_by_fraction_and_refuse_a_count(tmp_path):
     assert set(split_ids(data_cfg(stream, eval_fraction=0.3), "train")).isdisjoint(by_stream.ids)
     with pytest.raises(ConfigError, match="stream of unknown length.*eval_fraction"):
         plan_split(data_cfg(stream, eval_size=5))
+    with pytest.raises(ConfigError, match=r"eval_size=64 \(the default\)"):
+        plan_split(data_cfg(stream))
+    # a list on a stream: the rows it names are held out, and one the stream never had is an error at its end
+    (tmp_path / "rows.txt").write_text("3\n17\n")
+    assert split_ids(data_cfg(stream, heldout=str(tmp_path / "rows.txt")), "eval") == ["3", "17"]
+    (tmp_path / "rows.txt").write_text("3\n99\n")
+    with pytest.raises(ConfigError, match=r"rows\.txt names 1 key.*99"):
+        split_ids(data_cfg(stream, heldout=str(tmp_path / "rows.txt")), "eval")
 
 
 # ----------------------------------------------------------------------------- explicit held-out sets

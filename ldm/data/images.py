@@ -149,10 +149,11 @@ def plan_split(cfg: DataConfig) -> HeldOut:
             return HeldOut(SPLIT_RULE, settings, None, fraction=cfg.eval_fraction)
         return HeldOut(SPLIT_RULE, settings, frozenset(k for k in source.keys() if is_heldout(k, cfg.eval_fraction)))
     if not hasattr(source, "__len__"):
-        raise ConfigError(f"data.eval_size: the source {cfg.source.path!r} is a stream of unknown length, so the "
-                          "records with the smallest key hashes are not known before all of it is read; set "
-                          "data.eval_size=null and data.eval_fraction=F (held out by key hash as records pass), "
-                          "or data.heldout=FILE")
+        default = " (the default)" if cfg.eval_size is None else ""
+        raise ConfigError(f"data.eval_size={cfg.eval_count}{default}: the source {cfg.source.path!r} is a stream of "
+                          "unknown length, so the records with the smallest key hashes are not known before all "
+                          "of it is read; set data.eval_size=null and data.eval_fraction=F (held out by key hash "
+                          "as records pass), or data.heldout=FILE")
     return HeldOut(SPLIT_RULE, {"eval_size": cfg.eval_count}, frozenset(heldout_by_count(source.keys(), cfg.eval_count)))
 
 

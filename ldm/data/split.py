@@ -54,12 +54,12 @@ def keys_digest(keys) -> str:
 
 
 def read_key_list(path: str | Path) -> list[str]:
-    """The keys of a held-out list: one a line (blank lines and lines starting with # ignored)."""
+    """The keys of a held-out list: one a line (blank lines ignored; a key may start with anything)."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"data.heldout: cannot read the key list {path}: {err}") from None
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ldm.config import ConfigError, require, to_dict
 from ldm.data.cache import LatentCache, open_cache, text_identity
 from ldm.data.captions import CaptionConfig, process_caption
+from ldm.data.split import upstream_split_problem
 from ldm.data.images import image_grid
 from ldm.data.transforms import BucketBatchSampler
 from ldm.diffusion import (SCHEDULE_KEYS, TrainNoiseConfig, fill_schedule, make_train_scheduler, noised_inputs,
@@ -153,6 +154,16 @@ def _component_dir(path: str, name: str) -> Path:
     return root / name if (root / name).is_dir() else root
 
 
+def check_clip_split(text_encoder: str, manifest: dict) -> None:
+    """A CLIP trained by train_clip on the cache's source must have held out every image the cache
+    holds out: its text tower conditions this stage, and its scores judge what this stage makes."""
+    if text_encoder and Path(text_encoder).is_dir():
+        problem = upstream_split_problem(text_encoder, manifest.get("source"), manifest.get("split") or {},
+                                         "the latent cache")
+        if problem:
+            raise ConfigError(problem)
+
+
 def train_ldm(cfg: LDMTrainConfig) -> Path:
     out_dir = Path(cfg.out_dir)
     loop = cfg.train
@@ -162,6 +173,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     vae = load_vae(cfg.vae)
     cache = open_cache(cfg.cache, "train", expect={"vae_hash": weights_hash(vae)})
     held_out = open_cache(cfg.cache, "eval")
+    check_clip_split(cfg.text.encoder, held_out.manifest)
     latent_hw = most_common_size(cache)
 
     log = start_run(accelerator, cfg, out_dir, "ldm")
@@ -244,7 +256,8 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
         if cfg.lora.rank:
             save_lora(final, out_dir / "lora", name=out_dir.resolve().name)
             final = merge_lora(final)
-        export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline")
+        export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline",
+                        split=held_out.manifest.get("split"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir / "pipeline"
@@ -399,12 +412,14 @@ class Validator:
         return decode_latents(self.vae.to(device), latents).cpu()
 
 
-def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, latent_hw: tuple[int, int], path: Path) -> None:
+def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, latent_hw: tuple[int, int], path: Path,
+                    split: dict | None = None) -> None:
     """A StableDiffusionPipeline directory that diffusers loads as it is, plus `ldm.json`.
 
     The scheduler saved is `sample_scheduler` configured with the training schedule (prediction
     type, betas, zero-terminal-SNR rescaling, timestep spacing), so `from_pretrained` samples
-    the model as it was trained; ldm.json keeps the rest of the recipe.
+    the model as it was trained; ldm.json keeps the rest of the recipe, and `split` (the cache's
+    held-out set, ldm.data.split) says which images the held-out loss came from.
     """
     scheduler = make_scheduler(cfg.sample_scheduler, scheduler_config(cfg.noise))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -423,6 +438,7 @@ def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, lat
         "lora": to_dict(cfg.lora) if cfg.lora.rank else None,  # merged into unet/; the adapters alone in ../lora/
         "ema_decay": cfg.train.ema_decay,
         "validation": to_dict(cfg.validation),
+        "split": split,                                      # the held-out latents of val_loss (cache manifest)
         "train_config": to_dict(cfg),
     }
     (path / "ldm.json").write_text(json.dumps(info, indent=2))

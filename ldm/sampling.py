@@ -104,7 +104,8 @@ def _flow_schedule(schedule: dict) -> dict:
     """A flow schedule in every flow scheduler's words: `shift` (FlowMatch*) is `flow_shift` to the
     multistep solvers, whose target is prediction_type=flow_prediction."""
     shift = schedule.get("shift", schedule.get("flow_shift", 1.0))
-    return {**schedule, "shift": shift, "flow_shift": shift, "prediction_type": FLOW_PREDICTION}
+    # steps_offset: flow sigmas ignore it, and StableDiffusionPipeline rewrites any value but 1, with a warning
+    return {**schedule, "shift": shift, "flow_shift": shift, "prediction_type": FLOW_PREDICTION, "steps_offset": 1}
 
 
 def make_scheduler(name: str, schedule: dict):

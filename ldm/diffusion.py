@@ -41,7 +41,7 @@ FLOW_PREDICTION = "flow_prediction"  # diffusers' prediction_type for a velocity
 
 @dataclasses.dataclass
 class NoiseConfig:
-    objective: Objective = "diffusion"    # diffusion (DDPM forward process, the keys below), or flow: rectified flow (SD3)
+    objective: Objective = "diffusion"    # diffusion: the DDPM process of the keys below; flow: rectified flow (SD3)
     prediction_type: PredictionType = "epsilon"  # epsilon, or v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans & Ho 2022)
     beta_schedule: BetaSchedule = "scaled_linear"  # squaredcos_cap_v2 is the cosine schedule (Nichol & Dhariwal 2021)
     beta_start: float = 0.00085           # SD's values (linear and scaled_linear only)
@@ -56,7 +56,7 @@ class NoiseConfig:
     logit_mean: float = 0.0               # m of the logit-normal: t = sigmoid(u), u ~ N(m, s^2); m > 0 favours noise
     logit_std: float = 1.0                # s of the logit-normal
     shift: float = 1.0                    # t -> shift t / (1 + (shift - 1) t) (eq. 23), in training and sampling;
-                                          # SD3: shift = sqrt(m / n) to train m pixels with n pixels' schedule (3 at 1024^2)
+                                          # sqrt(m / n) for m pixels on n pixels' schedule (SD3: 3 at 1024^2)
 
     def validate(self) -> None:
         self.validate_objective()
@@ -137,9 +137,9 @@ def schedule_of(scheduler_cfg: dict, source: str) -> dict:
     `scheduler_config`), with its "objective"; keys it lacks are left out. `source` names it in errors."""
     if objective_of(scheduler_cfg) == "flow":
         if scheduler_cfg.get("use_dynamic_shifting"):
-            raise ConfigError(f"{source}: the scheduler shifts its timesteps by image size (use_dynamic_shifting), "
-                              "which a noise config cannot express; set noise.shift in the config")
-        found = {"objective": "flow", **{k: scheduler_cfg[k] for k in ("num_train_timesteps", "shift") if k in scheduler_cfg}}
+            raise ConfigError(f"{source}: the scheduler shifts its timesteps by image size (use_dynamic_shifting, "
+                              "as Flux does), which stage 3 does not train; only a fixed noise.shift")
+        found = {"objective": "flow", **{k: scheduler_cfg[k] for k in FLOW_SCHEDULE_KEYS.values() if k in scheduler_cfg}}
         if "shift" not in found and "flow_shift" in scheduler_cfg:  # DPM-Solver's and UniPC's name for it
             found["shift"] = scheduler_cfg["flow_shift"]
         return found
@@ -272,8 +272,8 @@ def flow_times(cfg: NoiseConfig, generator: Generators, like: torch.Tensor) -> t
 
 
 def flow_inputs(cfg: NoiseConfig, latents: torch.Tensor, generator: Generators = None):
-    """(x_t, timesteps, target, None) of rectified flow (Esser et al. 2024, sec. 2, eq. 1-3 with
-    a_t = 1 - t, b_t = t): x_t = (1 - t) x0 + t eps, and the target is the velocity
+    """(x_t, timesteps, target, None) of rectified flow (Esser et al. 2024, eq. 1 with a_t = 1 - t,
+    b_t = t, sec. 3.1): x_t = (1 - t) x0 + t eps, and the target is the velocity
     dx_t/dt = eps - x0. The U-Net sees t * num_train_timesteps, as diffusers' SD3 training does,
     continuous rather than on a grid, since flow samplers visit any sigma * num_train_timesteps.
     Loss weights: none; with logit-normal t that is SD3's rf/lognorm objective."""

@@ -23,7 +23,8 @@ from ldm.diffusion import (NoiseConfig, TrainNoiseConfig, fill_schedule, flow_in
 from ldm.infer import Pipeline, generate, load_pipeline
 from ldm.losses import diffusion_loss
 from ldm.models.presets import unet_config, vae_config
-from ldm.sampling import (FLOW_SCHEDULERS, add_noise, make_scheduler, predicted_x0, samplers_for, seeded_generators)
+from ldm.sampling import (FLOW_SCHEDULERS, Inpainting, add_noise, denoise, make_scheduler, predicted_x0, samplers_for,
+                          seeded_generators)
 from ldm.train.ldm import LDMTrainConfig, train_ldm
 
 FLOW = scheduler_config(NoiseConfig(objective="flow", shift=2.0))
@@ -110,6 +111,23 @@ def test_predicted_x0_and_add_noise_invert_the_flow_forward_process():
         torch.testing.assert_close(predicted_x0(scheduler, x_t, eps - x0, t), x0, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["flow-euler", "flow-heun", "flow-dpm++2m"])
+def test_flow_img2img_and_inpainting_start_from_the_noised_image(name):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config("tiny")).eval()
+    cond, image = torch.randn(2, 8, 64), torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(6))
+    scheduler, seen = make_scheduler(name, FLOW), []
+    denoise(unet, scheduler, cond, None, noise, num_steps=4, image_latents=image, strength=0.5,
+            callback=lambda i, t, x, x0: seen.append(t))
+    assert seen == [int(t) for t in scheduler.timesteps[2 * scheduler.order:]]  # the last half of the steps
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[..., 2:] = 1  # regenerate the right half
+    out = denoise(unet, make_scheduler(name, FLOW), cond, None, noise, num_steps=3, image_latents=image,
+                  inpaint=Inpainting(mask))
+    assert torch.equal(out[..., :2], image[..., :2]) and (out[..., 2:] - image[..., 2:]).abs().mean() > 0.1
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -152,7 +170,7 @@ def test_a_fine_tune_takes_the_objective_and_shift_from_a_flow_model():
     cfg = TrainNoiseConfig(objective="flow")  # an SD (epsilon) model fine-tuned into a flow model: nothing of its betas
     fill_schedule(cfg, schedule_of(EPSILON, "sd"))
     assert (cfg.shift, cfg.beta_schedule) == (1.0, None)
-    with pytest.raises(ConfigError, match="use_dynamic_shifting"):
+    with pytest.raises(ConfigError, match="use_dynamic_shifting, as Flux does"):
         schedule_of({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}, "flux")
 
 
@@ -260,3 +278,16 @@ def test_diffusers_stable_diffusion_pipeline_samples_the_export_as_infer_does(ru
     theirs.scheduler = make_scheduler("flow-euler", pipe.base_scheduler_config)
     with pytest.raises(AttributeError, match="init_noise_sigma"):
         theirs(PROMPTS, num_inference_steps=2, output_type="np")
+
+
+def test_the_single_file_export_of_a_flow_model_samples_the_same(run, tmp_path):
+    from ldm.export import export_single_file
+
+    single = export_single_file(run["pipeline"], tmp_path / "flow.safetensors")
+    kwargs = dict(seeds=[0, 1], scheduler="flow-euler", steps=3, guidance_scale=3.0, progress=False)
+    from_dir = _arrays(generate(load_pipeline(run["pipeline"], device="cpu", dtype="float32"), PROMPTS, **kwargs))
+    pipe = load_pipeline(single, device="cpu", dtype="float32")
+    assert pipe.default_scheduler == "flow-dpm++2m"
+    assert np.abs(_arrays(generate(pipe, PROMPTS, **kwargs)) - from_dir).max() <= 1e-5
+    with pytest.raises(ValueError, match="samples diffusion models"):
+        generate(pipe, PROMPTS, scheduler="euler", steps=2)

@@ -229,7 +229,8 @@ def is_flow(scheduler) -> bool:
 
 def _sigma(scheduler, t, like: torch.Tensor) -> torch.Tensor:
     """A flow scheduler's sigma (= t in [0, 1]) of timestep(s) t: every flow scheduler's timesteps
-    are sigma * num_train_timesteps, as the U-Net was trained (ldm.diffusion.flow_inputs)."""
+    are sigma * num_train_timesteps (DPM-Solver's and UniPC's rounded down to integers), as the
+    U-Net was trained (ldm.diffusion.flow_inputs)."""
     t = torch.as_tensor(t, device=like.device).float().reshape(-1)
     return (t / scheduler.config.num_train_timesteps).to(like.dtype).view(-1, *[1] * (like.ndim - 1))
 

@@ -206,6 +206,9 @@ def test_flow_config_defaults_to_flow_samplers_and_refuses_diffusion_ones(run):
             load_config(LDMTrainConfig, None, [*run["args"], f"{key}=flow-euler"])
     with pytest.raises(ConfigError, match="noise.snr_gamma=5.0: not used with noise.objective=flow"):
         load_config(LDMTrainConfig, None, [*run["args"], "noise.objective=flow", "noise.snr_gamma=5"])
+    # a config file's DDPM noise section is replaced whole from the command line (docs/train_ldm.md)
+    replaced = load_config(LDMTrainConfig, None, [*run["args"], "noise.snr_gamma=5", "noise={objective: flow}"])
+    assert (replaced.noise.objective, replaced.noise.snr_gamma, replaced.sample_scheduler) == ("flow", 0.0, "flow-dpm++2m")
 
 
 def test_flow_run_trains_and_exports_the_flow_schedule(run):

@@ -103,6 +103,9 @@ def samplers_for(objective: str) -> list[str]:
 def _flow_schedule(schedule: dict) -> dict:
     """A flow schedule in every flow scheduler's words: `shift` (FlowMatch*) is `flow_shift` to the
     multistep solvers, whose target is prediction_type=flow_prediction."""
+    if schedule.get("use_dynamic_shifting"):
+        raise ValueError("this model's scheduler shifts its timesteps by image size (use_dynamic_shifting, as Flux "
+                         "does); the samplers here take a fixed shift")
     shift = schedule.get("shift", schedule.get("flow_shift", 1.0))
     # steps_offset: flow sigmas ignore it, and StableDiffusionPipeline rewrites any value but 1, with a warning
     return {**schedule, "shift": shift, "flow_shift": shift, "prediction_type": FLOW_PREDICTION, "steps_offset": 1}

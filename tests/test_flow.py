@@ -183,6 +183,8 @@ def test_a_fine_tune_takes_the_objective_and_shift_from_a_flow_model():
     assert (cfg.shift, cfg.beta_schedule) == (1.0, None)
     with pytest.raises(ConfigError, match="use_dynamic_shifting, as Flux does"):
         schedule_of({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}, "flux")
+    with pytest.raises(ValueError, match="use_dynamic_shifting, as Flux does"):
+        make_scheduler("flow-euler", {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True})
 
 
 # ----------------------------------------------------------------------------- a trained flow model

@@ -11,7 +11,8 @@ bootstrap intervals), for our pipelines, diffusers SD directories and single fil
     python -m ldm.evaluate PIPELINE --data FOLDER [--features clip:DIR|inception:FILE] [--n 200]
         [--steps 25 --guidance-scale 7.5 --scheduler NAME --seed 0] [--out DIR] [--compare OTHER/eval.json]
 
-writes DIR/eval.json and DIR/generated.png (the first 64 images). The held-out images are the
+writes DIR/eval.json and DIR/heldout-vs-generated.png (32 held-out images, each above the image
+generated from its caption). The held-out images are the
 data's held-out split (`data.eval_size` = N), the floor's reference the first N training images.
 """
 
@@ -152,8 +153,18 @@ def evaluate_pipeline(pipe: Pipeline, data: DataConfig, features: str, n: int = 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps(record, indent=2))
-        image_grid([r["image"] for r in results[:64]], nrow=8).save(out_dir / "generated.png")
+        pairs_grid(held_out, images).save(out_dir / "heldout-vs-generated.png")
     return record
+
+
+def pairs_grid(real: torch.Tensor, generated: torch.Tensor, count: int = 32, nrow: int = 8):
+    """Rows of `nrow` held-out images, each above the images generated from their captions."""
+    count = min(count, len(real), len(generated))
+    rows = [t[s : min(s + nrow, count)] for s in range(0, count, nrow) for t in (real, generated)]
+    if count % nrow:  # pad the last pair of rows so each generated image stays below its real one
+        pad = torch.ones(nrow - count % nrow, *real.shape[1:])
+        rows[-2], rows[-1] = torch.cat([rows[-2], pad]), torch.cat([rows[-1], pad])
+    return image_grid(torch.cat(rows), nrow=nrow)
 
 
 def format_comparison(ours: dict, theirs: dict, label: str) -> str:
@@ -182,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=200, help="resamples for the 95%% intervals")
     p.add_argument("--device", help="cuda | mps | cpu (default: the best available)")
     p.add_argument("--compare", help="another eval.json: print side by side; refused if its network or n differ")
-    p.add_argument("--out", default="outputs/eval", help="output directory (eval.json, generated.png)")
+    p.add_argument("--out", default="outputs/eval", help="output directory (eval.json, heldout-vs-generated.png)")
     return p
 
 

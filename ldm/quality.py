@@ -96,20 +96,41 @@ def load_feature_network(spec: str, device: torch.device | str = "cpu") -> Featu
 
 
 def data_config_of_cache(manifest: dict) -> DataConfig:
-    """The data config a latent cache was encoded from (its manifest records it), so stage 3 can
-    read the real images behind its held-out latents. Keys the manifest lacks keep their defaults."""
+    """The data config a latent cache was encoded from (its manifest records the source, the
+    transform and the held-out split's settings), so stage 3 can read the real images behind its
+    held-out latents. Keys the manifest lacks keep their defaults."""
     names = {f.name for f in dataclasses.fields(DataConfig)} - {"captions"}
-    return from_dict(DataConfig, {k: manifest[k] for k in names if k in manifest})
+    data = {k: manifest[k] for k in names if k in manifest}
+    data.update({k: v for k, v in (manifest.get("split") or {}).items() if k in names})  # eval_size / eval_fraction / heldout
+    return from_dict(DataConfig, data)
+
+
+def training_stride(data: DataConfig, n: int) -> int:
+    """Take every k-th training record for the floor, so its N images span a folder sorted by name
+    or class rather than being its first N; 1 for shapes (drawn at random) and for streams."""
+    from ldm.data.images import plan_split
+    from ldm.data.sources import open_source
+
+    if data.source.kind == "shapes":
+        return 1
+    source = open_source(data.source)
+    if not hasattr(source, "__len__"):
+        return 1
+    held = plan_split(data).keys
+    return max(1, (len(source) - len(held or ())) // max(n, 1))
 
 
 def real_images(data: DataConfig, n: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """(first n held-out images, their first captions, first n training images), square at the
-    data's resolution (center crop, no flip: the feature networks take one size, and a random crop
-    would change the reference between runs). "" where an image has no caption."""
+    """(first n held-out images, their first captions, n training images spread over the split), square
+    at the data's resolution (center crop, no flip: the feature networks take one size, and a random
+    crop would change the reference between runs). "" where an image has no caption."""
     transform = dataclasses.replace(data.transform, buckets=False, crop="center", flip=False)
     data = dataclasses.replace(data, transform=transform)
     held_out = load_images(data, "eval", desc="quality: held-out images")
-    reference = load_images(dataclasses.replace(data, max_images=n), "train", desc="quality: training images")
+    stride = training_stride(data, n)
+    # every stride-th record of the first stride x n (load_images' rank 0 of `stride` processes)
+    reference = load_images(dataclasses.replace(data, max_images=stride * n), "train", rank=0, world=stride,
+                            desc="quality: training images")
     count = min(n, len(held_out), len(reference))
     captions = [caps[0] if caps else "" for caps in held_out.captions[:count]]
     return held_out.batch(list(range(count))), captions, reference.batch(list(range(count)))

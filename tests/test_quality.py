@@ -145,7 +145,8 @@ def test_evaluate_cli_on_a_folder_and_compare(ldm_run, tmp_path, capsys):
     first = json.loads((tmp_path / "a" / "eval.json").read_text())
     assert first["n"] == 4 and first["features"].startswith("clip:")  # the CLIP the pipeline was trained with
     assert {"fid", "fid_floor", "kid", "top1", "top1_ceiling", "mean_rank_chance"} <= set(first["quality"])
-    assert (tmp_path / "a" / "generated.png").is_file()
+    with Image.open(tmp_path / "a" / "heldout-vs-generated.png") as grid:  # 4 held-out above their 4 generated
+        assert grid.size == (8 * 18 + 2, 2 * 18 + 2)
     main([*args, "--out", str(tmp_path / "b"), "--compare", str(tmp_path / "a" / "eval.json")])
     second = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert second["quality"]["fid"] == pytest.approx(first["quality"]["fid"])  # fixed seeds: the same images

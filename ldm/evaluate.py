@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ldm.data import shapes
-from ldm.data.images import DataConfig, image_grid
+from ldm.data.images import DataConfig, image_grid, plan_split
 from ldm.data.sources import SourceConfig
 from ldm.data.transforms import TransformConfig
 from ldm.infer import Pipeline, generate
@@ -144,7 +144,7 @@ def evaluate_pipeline(pipe: Pipeline, data: DataConfig, features: str, n: int = 
     figures = quality(images)
     record = {"pipeline": pipe.path, "data": data.source.path, "features": figures["features"], "n": figures["n"],
               "sampling": {k: v for k, v in results[0].items() if k in ("scheduler", "steps", "guidance_scale", "width", "height")},
-              "seed": seed, "quality": figures}
+              "seed": seed, "split": plan_split(data).record(), "quality": figures}
     print(f"quality: {summary_line(figures)}")
     if other is not None:
         record["compared_with"] = {"path": str(compare), "quality": other.get("quality", {})}

@@ -110,7 +110,7 @@ def test_stage3_measures_every_eval(ldm_run, clip_dir):
     assert evals[0]["quality/n"] == 4  # quality_n=200, but the cache holds 4 held-out images
     summary = json.loads((out / "eval.json").read_text())
     assert summary["step"] == 2 and summary["n"] == 4 and summary["features"].startswith(f"clip:{clip_dir}@")
-    assert summary["quality"]["fid"] == evals[1]["quality/fid"]
+    assert summary["quality"]["fid"] == evals[1]["quality/fid"] and summary["split"]["eval_size"] == 4
 
 
 def test_stage3_resumed_with_another_n_is_refused(ldm_run, latents, clip_dir):  # noqa: F811
@@ -144,6 +144,7 @@ def test_evaluate_cli_on_a_folder_and_compare(ldm_run, tmp_path, capsys):
     main([*args, "--out", str(tmp_path / "a")])
     first = json.loads((tmp_path / "a" / "eval.json").read_text())
     assert first["n"] == 4 and first["features"].startswith("clip:")  # the CLIP the pipeline was trained with
+    assert first["split"]["eval_size"] == 4 and first["split"]["count"] == 4  # held out by key hash
     assert {"fid", "fid_floor", "kid", "top1", "top1_ceiling", "mean_rank_chance"} <= set(first["quality"])
     with Image.open(tmp_path / "a" / "heldout-vs-generated.png") as grid:  # 4 held-out above their 4 generated
         assert grid.size == (8 * 18 + 2, 2 * 18 + 2)

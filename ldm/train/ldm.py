@@ -445,8 +445,9 @@ class Validator:
             print(f"step {step} quality: {summary_line(figures)} ({self.watch.last:.1f} s)")
         summary = {"step": step, **{k: v for k, v in values.items() if not k.startswith("quality/")},
                    "eval/total_seconds": self.watch.seconds, "run_seconds": run_seconds}
-        if figures:
-            summary.update(features=figures["features"], n=figures["n"], quality=figures)
+        if figures:  # with the record of which held-out images they come from (ldm.data.split)
+            summary.update(features=figures["features"], n=figures["n"], quality=figures,
+                           split=self.held_out.manifest.get("split"))
         (self.out_dir / "eval.json").write_text(json.dumps(summary, indent=2))
         unet.train(was_training)
 

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from ldm.config import ConfigError, from_dict
 from ldm.data.images import DataConfig, load_images
+from ldm.data.split import key_hash
 from ldm.metrics import (FeatureNet, bootstrap_interval, caption_ranks, chance_figures, check_comparable,
                          extract_features, frechet_distance, inception_features, kernel_distance, retrieval_figures)
 
@@ -121,9 +122,12 @@ def training_stride(data: DataConfig, n: int) -> int:
 
 
 def real_images(data: DataConfig, n: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """(first n held-out images, their first captions, n training images spread over the split), square
+    """(n held-out images, their first captions, n training images spread over the split), square
     at the data's resolution (center crop, no flip: the feature networks take one size, and a random
-    crop would change the reference between runs). "" where an image has no caption."""
+    crop would change the reference between runs). "" where an image has no caption.
+
+    important: the n held-out images are those with the smallest key hashes, not the first n: a
+    folder is sorted by name or category, so its first n held-out files are a few kinds only."""
     transform = dataclasses.replace(data.transform, buckets=False, crop="center", flip=False)
     data = dataclasses.replace(data, transform=transform)
     held_out = load_images(data, "eval", desc="quality: held-out images")
@@ -132,8 +136,9 @@ def real_images(data: DataConfig, n: int) -> tuple[torch.Tensor, list[str], torc
     reference = load_images(dataclasses.replace(data, max_images=stride * n), "train", rank=0, world=stride,
                             desc="quality: training images")
     count = min(n, len(held_out), len(reference))
-    captions = [caps[0] if caps else "" for caps in held_out.captions[:count]]
-    return held_out.batch(list(range(count))), captions, reference.batch(list(range(count)))
+    chosen = sorted(range(len(held_out)), key=lambda i: (key_hash(held_out.ids[i]), held_out.ids[i]))[:count]
+    captions = [held_out.captions[i][0] if held_out.captions[i] else "" for i in chosen]
+    return held_out.batch(chosen), captions, reference.batch(list(range(count)))
 
 
 def check_min_images(n: int, have_held_out: int, have_train: int) -> None:

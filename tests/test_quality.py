@@ -188,3 +188,25 @@ def test_stage1_rfid_and_rkid_with_the_run_clip_named(clip_dir, tmp_path):
         train_vae(load_config(VAETrainConfig, None, [*args, "data.eval_size=5", "train.steps=3"]))
     with pytest.raises(ConfigError, match="features: .*no CLIP trained by train_clip.py"):
         load_config(VAETrainConfig, None, [*args, f"features=clip:{tmp_path}"])
+
+
+def test_real_images_take_held_out_by_hash_not_the_first_of_a_sorted_folder(tmp_path):
+    """A folder sorted by category: the n held-out images measured are the n with the smallest key
+    hashes (a mix of categories), not the first n of the held-out split (one category)."""
+    from ldm.data.split import heldout_by_count
+
+    root = tmp_path / "sorted"
+    rows = []
+    for category, colour in (("a-red", (255, 0, 0)), ("b-blue", (0, 0, 255))):
+        (root / category).mkdir(parents=True)
+        for i in range(40):
+            Image.new("RGB", (8, 8), colour).save(root / category / f"{i:02d}.png")
+            rows.append(json.dumps({"file_name": f"{category}/{i:02d}.png", "text": f"{category} {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    data = DataConfig(source=SourceConfig(kind="imagefolder", path=str(root)), eval_size=30)
+    data.transform.resolution = 8
+    held_out, captions, _ = real_images(data, 10)
+    keys = [f"{c.split()[0]}/{int(c.split()[1]):02d}.png" for c in captions]
+    assert set(keys) == heldout_by_count(heldout_by_count([json.loads(r)["file_name"] for r in rows], 30), 10)
+    assert {k.split("/")[0] for k in keys} == {"a-red", "b-blue"}
+    assert len(held_out) == 10

@@ -67,9 +67,17 @@ class Pipeline:
         return downsample_factor(self.vae)
 
     @property
+    def native_height_width(self) -> tuple[int, int]:
+        """(height, width) in pixels the UNet was built for: 512 for SD-1.x and SD-2 base, 768 for
+        SD-2.1-v. Bucketed training stores a non-square sample_size as a list [h, w]."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_factor, w * self.vae_factor
+
+    @property
     def native_size(self) -> int:
-        """The size the UNet was built for: 512 for SD-1.x and SD-2 base, 768 for SD-2.1-v."""
-        return self.unet.config.sample_size * self.vae_factor
+        """The longer side of `native_height_width`, for callers that need one number."""
+        return max(self.native_height_width)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -247,7 +255,8 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     images = _image_inputs(pipe, init_image, mask_image, width, height) if init_image is not None else None
     if images is not None:
         height, width = images.image.shape[2:]
-    width, height = width or pipe.native_size, height or pipe.native_size
+    native_height, native_width = pipe.native_height_width
+    width, height = width or native_width, height or native_height
     mode = "txt2img" if images is None else "img2img" if images.mask is None else "inpaint"
     strength = strength if strength is not None else 0.8 if mode == "img2img" else 1.0
     _check_request(pipe, prompts, negative_prompts, seeds, width, height, strength, images)

@@ -326,6 +326,29 @@ def test_lora_resumed_from_a_checkpoint_ends_as_the_run_that_never_stopped(sd_di
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+def test_training_steps_run_in_train_mode_before_and_after_validation(sd_dir, sd_cache, tmp_path, monkeypatch):
+    """from_pretrained gives an eval-mode U-Net; its LoRA dropout must still be on at every training
+    step, the ones after a validation too, and off while validating."""
+    modes = []  # (grad enabled, every module in train mode, none in train mode) per U-Net call
+
+    def record(module, args):
+        flags = [m.training for m in module.modules()]
+        modes.append((torch.is_grad_enabled(), all(flags), not any(flags)))
+
+    def build_recorded(*args, **kwargs):
+        unet = build_unet(*args, **kwargs)
+        unet.register_forward_pre_hook(record)
+        return unet
+
+    monkeypatch.setattr(stage3, "build_unet", build_recorded)
+    train_ldm(ldm_cfg(tmp_path / "run", sd_cache, f"model.pretrained={sd_dir}", "lora.rank=4", "lora.dropout=0.5",
+                      "train.eval_every=1", "train.ema_decay=0"))
+    training = [all_train for grad, all_train, _ in modes if grad]
+    validating = [all_eval for grad, _, all_eval in modes if not grad]
+    assert len(training) == 3 and all(training), modes
+    assert validating and all(validating), modes
+
+
 def test_finetune_refuses_architecture_keys_and_unfit_parts(sd_dir, cache_dir, tmp_path):
     with pytest.raises(ConfigError, match="model.block_out_channels"):
         ldm_cfg(tmp_path, cache_dir, f"model.pretrained={sd_dir}", "model.block_out_channels=[16, 32]")

@@ -197,6 +197,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     batches = size_batches(cache.size_groups(), loop.batch_size, loop.seed, step * loop.grad_accum, rank, world)
 
     progress = tqdm(total=loop.steps, initial=step, desc="unet", disable=not accelerator.is_local_main_process)
+    unet.train()  # important: from_pretrained returns a model in eval mode, which would switch LoRA dropout off
     while step < loop.steps:
         losses = []
         for micro in range(loop.grad_accum):
@@ -365,7 +366,9 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, unet, noise_scheduler, step: int) -> None:
-        was_training = unet.training
+        # every module's own mode: the top module's flag alone can differ from its submodules' (LoRA
+        # layers added to a U-Net loaded in eval mode), and restoring it would switch them all
+        modes = {module: module.training for module in unet.modules()}
         unet.eval()
         val, clip_skip = self.cfg.validation, self.cfg.text.clip_skip
         device = next(unet.parameters()).device
@@ -383,7 +386,8 @@ class Validator:
             (self.out_dir / "samples").mkdir(exist_ok=True)
             image_grid(images * 2 - 1, nrow=len(val.seeds)).save(self.out_dir / "samples" / f"step-{step:06d}.png")
         self.log.write(step, **({"val_loss": sum(losses) / len(losses)} if losses else {}))
-        unet.train(was_training)
+        for module, training in modes.items():
+            module.training = training
 
     def grid(self, unet, device) -> torch.Tensor:
         """Images in [0, 1] for every (prompt, seed), sampled with the training schedule."""

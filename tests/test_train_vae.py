@@ -191,10 +191,19 @@ def test_finetunes_a_kl_f8_layout_vae_from_a_diffusers_directory(tmp_path):
                   "data.source.resolution=32", "data.transform.resolution=32")
     tuned = AutoencoderKL.from_pretrained(train_vae(cfg))
     assert tuned.config.layers_per_block == 2 and list(tuned.config.block_out_channels) == [8, 16, 16, 16]
-    assert tuned.config.scaling_factor != pytest.approx(0.18215)  # measured, not the SD value it came with
+    assert tuned.config.scaling_factor == source.config.scaling_factor  # the U-Nets of that VAE still fit it
     before = dict(source.named_parameters())
     assert any(not torch.equal(p.data, before[name].data) for name, p in tuned.named_parameters())
     assert {"psnr", "ssim", "latent_std"} <= set(json.loads((tmp_path / "ft" / "eval.json").read_text()))
+
+    # decoder only (as sd-vae-ft-mse was made): latents stay what they were; the scale is measured when asked
+    cfg = vae_cfg(tmp_path / "dec", f"model.pretrained={tmp_path / 'sd-vae'}", "train.steps=2",
+                  "data.source.resolution=32", "data.transform.resolution=32", "model.train_decoder_only=true",
+                  "model.remeasure_scale=true")
+    tuned = AutoencoderKL.from_pretrained(train_vae(cfg))
+    assert tuned.config.scaling_factor != pytest.approx(source.config.scaling_factor)
+    changed = {name.split(".")[0] for name, p in tuned.named_parameters() if not torch.equal(p.data, before[name].data)}
+    assert "decoder" in changed and not changed & {"encoder", "quant_conv"}, changed
 
 
 @pytest.mark.parametrize("use_shift", [False, True])
@@ -215,5 +224,7 @@ def test_config_errors_name_the_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights in the hub cache
     with pytest.raises(ConfigError, match="fid_weights"):
         vae_cfg(tmp_path, "fid=true")
+    with pytest.raises(ConfigError, match="model.train_decoder_only is for fine-tuning"):
+        vae_cfg(tmp_path, "model.train_decoder_only=true")
     with pytest.raises(ConfigError, match="model.norm_num_groups=8 must divide"):
         vae_cfg(tmp_path, "model.block_out_channels=[12, 16]", "model.norm_num_groups=8")

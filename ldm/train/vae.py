@@ -1,7 +1,8 @@
 """Stage 1: train (or fine-tune) a KL-VAE, measure its latent scale, save an AutoencoderKL dir.
 
 Output (`<out_dir>/`): `vae/` (AutoencoderKL.save_pretrained, EMA weights when EMA is on, with
-`scaling_factor`/`shift_factor` measured on the training data), `eval.json` (held-out PSNR,
+`scaling_factor`/`shift_factor` measured on the training data; a fine-tune keeps the pretrained
+VAE's unless `model.remeasure_scale`), `eval.json` (held-out PSNR,
 SSIM, rFID when a feature network is available, latent std after scaling), `recon-*.png`
 grids, `metrics.jsonl`, `config.yaml`, and `checkpoints/step-N/` for resume.
 """
@@ -21,8 +22,8 @@ from ldm.config import require
 from ldm.data.images import DataConfig, ImageStore, image_grid, load_images
 from ldm.losses import VAELoss, VAELossConfig
 from ldm.metrics import default_inception_path, inception_features, reconstruction_metrics
-from ldm.models.vae import (VAEModelConfig, build_vae, downsample_factor, measure_latent_scale,
-                            set_latent_scale)
+from ldm.models.vae import (VAEModelConfig, build_vae, downsample_factor, freeze_encoder, latent_scale,
+                            measure_latent_scale, set_latent_scale)
 from ldm.train.common import (register_schedule, LoopConfig, batch_indices, lr_lambda,
                               make_accelerator, make_optimizer, resume, save_checkpoint, start_run)
 
@@ -91,11 +92,13 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
 
     # --- model, loss (logvar, LPIPS, discriminator), optimisers, EMA
     vae = build_vae(cfg.model, cfg.data.transform.resolution)
+    if cfg.model.train_decoder_only:
+        freeze_encoder(vae)
     loss_fn = VAELoss(cfg.loss).to(accelerator.device)
     # important: logvar rides in the autoencoder's module, so opt_ae updates it and DDP averages
     # its gradient; the discriminator is prepared on its own, with its own optimiser.
     ae = Autoencode(vae, loss_fn.logvar)
-    opt_ae = make_optimizer(ae.parameters(), loop)
+    opt_ae = make_optimizer([p for p in ae.parameters() if p.requires_grad], loop)
     opt_d = make_optimizer(loss_fn.discriminator.parameters(), loop, lr=cfg.disc_lr or loop.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(loop))
     ae, disc, opt_ae, opt_d = accelerator.prepare(ae, loss_fn.discriminator, opt_ae, opt_d)
@@ -231,10 +234,9 @@ def evaluate_vae(vae, eval_set: ImageStore, grid_path: Path | None, cfg: VAETrai
 
 def export_vae(vae, train_set: ImageStore, eval_set: ImageStore, out_dir: Path, cfg: VAETrainConfig,
                features: torch.nn.Module | None = None) -> None:
-    """Measure the latent scale on training images, store it in the config, save, evaluate."""
-    n = min(cfg.scale_images, len(train_set))
-    batches = (train_set.batch(list(range(s, min(s + 32, n)))) for s in range(0, n, 32))
-    scale, shift = measure_latent_scale(vae, batches, use_shift=cfg.model.use_shift)
+    """Measure the latent scale on training images (a fine-tune keeps its own), store it in the
+    config, save, evaluate."""
+    scale, shift = export_latent_scale(vae, train_set, cfg)
     set_latent_scale(vae, scale, shift)
     vae.save_pretrained(out_dir / "vae", safe_serialization=True)
     results = evaluate_vae(vae, eval_set, out_dir / "recon-final.png", cfg, features)
@@ -242,6 +244,17 @@ def export_vae(vae, train_set: ImageStore, eval_set: ImageStore, out_dir: Path, 
     results.update(scaling_factor=scale, shift_factor=shift, downsample_factor=downsample_factor(vae))
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
     print("vae eval:", json.dumps(results))
+
+
+def export_latent_scale(vae, train_set: ImageStore, cfg: VAETrainConfig) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) to save: measured on the training images, except that a
+    fine-tune keeps the pretrained VAE's unless `model.remeasure_scale`. The U-Nets trained on
+    that VAE (SD's 0.18215) take latents at its scale; a new one would no longer fit them."""
+    if cfg.model.pretrained and not cfg.model.remeasure_scale:
+        return latent_scale(vae)
+    n = min(cfg.scale_images, len(train_set))
+    batches = (train_set.batch(list(range(s, min(s + 32, n)))) for s in range(0, n, 32))
+    return measure_latent_scale(vae, batches, use_shift=cfg.model.use_shift)
 
 
 @torch.no_grad()

@@ -401,30 +401,43 @@ def uniform(generators: list[torch.Generator]) -> torch.Tensor:
 
 
 class NonFiniteGuard:
-    """Counts consecutive non-finite losses; the caller skips those steps."""
+    """Counts consecutive non-finite losses; the caller skips those steps.
 
-    def __init__(self, limit: int, in_a_row: int = 0, total: int = 0):
-        self.limit, self.in_a_row, self.total = limit, in_a_row, total
+    Each loss of a step counts its own run (`ok(loss, name)`): a GAN's generator that is NaN on
+    every step must stop the run even while the discriminator's loss, checked in between, is finite.
+    """
+
+    def __init__(self, limit: int, in_a_row: int | dict[str, int] = 0, total: int = 0):
+        # a checkpoint from before the names held one count: the main loss's ("")
+        self.limit, self.total = limit, total
+        self.runs = dict(in_a_row) if isinstance(in_a_row, dict) else {"": in_a_row}
+
+    @property
+    def in_a_row(self) -> int:
+        """The longest current run of non-finite losses."""
+        return max(self.runs.values(), default=0)
 
     def state(self) -> dict:
         """What a checkpoint keeps (its ldm_state.json), so that a resumed run counts on."""
-        return {"nonfinite": {"in_a_row": self.in_a_row, "total": self.total}}
+        return {"nonfinite": {"in_a_row": dict(self.runs), "total": self.total}}
 
     @classmethod
     def from_state(cls, limit: int, state: dict) -> "NonFiniteGuard":
         """The guard a checkpoint's `state()` describes; a fresh one for a checkpoint without it."""
         return cls(limit, **state.get("nonfinite", {}))
 
-    def ok(self, loss: torch.Tensor) -> bool:
+    def ok(self, loss: torch.Tensor, name: str = "") -> bool:
+        """Whether `loss` (the one called `name`, if a step has several) is finite on every process."""
         if _finite_everywhere(loss):
-            self.in_a_row = 0
+            self.runs[name] = 0
             return True
-        self.in_a_row += 1
+        self.runs[name] = self.runs.get(name, 0) + 1
         self.total += 1
-        if self.in_a_row >= self.limit:
+        if self.runs[name] >= self.limit:
             raise NonFiniteLossError(
-                f"{self.in_a_row} non-finite losses in a row (limit train.max_nonfinite_steps={self.limit}); "
-                "stopping. The last checkpoint is intact: lower train.lr or use bf16 instead of fp16, then resume."
+                f"{self.runs[name]} non-finite {name + ' ' if name else ''}losses in a row "
+                f"(limit train.max_nonfinite_steps={self.limit}); stopping. The last checkpoint is intact: "
+                "lower train.lr or use bf16 instead of fp16, then resume."
             )
         return False
 

@@ -136,7 +136,7 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
                 # discriminator step on detached reconstructions: never reaches the autoencoder
                 if loss_fn.disc_active(step):
                     d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc)
-                    if guard.ok(d_loss):
+                    if guard.ok(d_loss, "discriminator"):  # its own run: a finite one must not hide a NaN generator
                         accelerator.backward(d_loss)
                         opt_d.step()
                     opt_d.zero_grad(set_to_none=True)

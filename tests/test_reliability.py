@@ -124,6 +124,9 @@ def test_the_lr_schedule_counts_optimiser_steps_not_micro_batches(vae_reference)
     lines = [json.loads(line) for line in (vae_reference / "metrics.jsonl").read_text().splitlines()]
     rates = [line["lr"] for line in lines if "rec" in line]
     assert rates == pytest.approx([cfg.train.lr * lr_lambda(cfg.train)(step) for step in range(1, 9)])
+    # the discriminator's: the same warm-up and decay, counted from its first step (disc_start=3)
+    disc_rates = [line["disc_lr"] / cfg.train.lr for line in lines if "rec" in line]
+    assert disc_rates == pytest.approx([0, 0, 0.5, 1.0, 1.0, 0.75, 0.25, 0])
 
 
 # ----------------------------------------------------------------------------- a kill or a full disk while saving

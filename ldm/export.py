@@ -71,13 +71,13 @@ from diffusers.loaders.single_file_utils import (
     is_open_clip_model,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from safetensors import safe_open
 import yaml
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.models.presets import SD_SCHEDULER_CONFIG, unet_config, vae_config
 from ldm.models.text import EOS_TOKEN, build_tokenizer
+from ldm.safetensors_io import open_safetensors
 
 FORMAT_VERSION = "1"
 UNET_PREFIX = "model.diffusion_model."
@@ -410,7 +410,7 @@ def load_checkpoint(path: str | os.PathLike, allow_pickle: bool = False
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     if path.suffix not in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors "

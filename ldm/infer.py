@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ldm.fast import FastConfig, apply_to_pipeline
 from ldm.models.text import encode_prompts
 from ldm.models.vae import downsample_factor
+from ldm.safetensors_io import open_safetensors
 from ldm.sampling import (SCHEDULERS, Inpainting, decode_latents, denoise, encode_images, initial_noise,
                           make_scheduler, scheduler_name_of, seed_sde_noise, seeded_generators)
 
@@ -112,9 +113,7 @@ def _ldm_record(path: Path) -> dict:
         record = path / "ldm.json"
         return json.loads(record.read_text()) if record.is_file() else {}
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             return json.loads((f.metadata() or {}).get("ldm.file.ldm.json", "{}"))
     return {}
 
@@ -142,6 +141,9 @@ def fuse_loras(sd, loras: Sequence[tuple[str | Path, float]]) -> None:
         if not where.exists():
             raise FileNotFoundError(f"no LoRA file or directory at {where}")
         name = f"lora{i}"
+        if where.suffix == ".safetensors":
+            with open_safetensors(where):  # a corrupt file fails here, naming it, not deep in diffusers
+                pass
         folder, weight_name = (where, None) if where.is_dir() else (where.parent, where.name)
         sd.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
         sd.fuse_lora(lora_scale=strength, adapter_names=[name])

@@ -28,9 +28,10 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils import load as accelerate_load
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ldm.config import require, save_config
+from ldm.safetensors_io import load_safetensors
 
 
 @dataclasses.dataclass
@@ -343,7 +344,7 @@ def load_object_state(checkpoint: Path, index: int, device: torch.device | str =
     """The state dict of the `index`-th object the loop registered with register_for_checkpointing
     (in the order it registered them: the LR schedule, then the EMA), as saved in `checkpoint`."""
     stem = checkpoint / f"state-{index}"
-    tensors = load_file(stem.with_suffix(".safetensors"), device=str(device))
+    tensors = load_safetensors(stem.with_suffix(".safetensors"), device=str(device))
 
     def decode(value: Any):
         if isinstance(value, list):

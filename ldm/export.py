@@ -585,6 +585,19 @@ def _ldm_files_in(metadata: Mapping[str, str]) -> dict[str, str]:
     return files
 
 
+def single_file_configs(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """(component configs, `ldm*.json` files) of a .safetensors checkpoint, as `import_single_file`
+    resolves them, read from its header alone: names, shapes and metadata, no weights. The
+    scheduler's config is the one its import saves (with the scheduler class's defaults)."""
+    with open_safetensors(path) as f:
+        metadata = dict(f.metadata() or {})
+        skeleton = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    configs = _embedded_configs(metadata) if "ldm.format" in metadata else infer_configs(skeleton)
+    scheduler = _build_scheduler(configs["scheduler"])
+    configs["scheduler"] = {"_class_name": type(scheduler).__name__, **scheduler.config}
+    return configs, _ldm_files_in(metadata)
+
+
 def import_single_file(path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                        allow_pickle: bool = False, configs: Mapping[str, dict] | None = None
                        ) -> StableDiffusionPipeline:

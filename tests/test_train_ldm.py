@@ -27,6 +27,7 @@ from ldm.infer import load_pipeline
 from ldm.infer import main as infer_main
 from ldm.models.conditioning import load_text
 from ldm.models.presets import unet_config, vae_config
+from ldm.models.single_file import model_dir
 from ldm.models.text import TEXT_PRESETS, build_tokenizer, encode_prompts
 from ldm.models.unet import UNetModelConfig, build_unet
 from ldm.train.common import lr_lambda, sample_generators
@@ -244,6 +245,20 @@ def test_finetune_from_a_single_file_checkpoint(sd_dir, tmp_path, monkeypatch, c
     assert max((start[k] - end[k]).abs().max().item() for k in start) < 1e-4
     assert any(not torch.equal(start[k], end[k]) for k in start)
     assert StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True).tokenizer.pad_token == "!"
+
+
+def test_dry_run_reads_a_single_file_header_without_importing_it(sd_dir, cache_dir, tmp_path, monkeypatch, capsys):
+    """Loading the config (what --dry-run does) takes the file's schedule and CLIP layer from its
+    header: the same values its import gives, and no import."""
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path / "imports"))
+    file = export_single_file(sd_dir, tmp_path / "sd.safetensors")
+    train_ldm_main(["--dry-run", f"out_dir={tmp_path / 'run'}", f"cache={cache_dir}", f"model.pretrained={file}"])
+    assert "prediction_type: v_prediction" in capsys.readouterr().out
+    assert not (tmp_path / "imports").exists() and not (tmp_path / "run").exists()
+
+    from_header = ldm_cfg(tmp_path / "run", cache_dir, f"model.pretrained={file}")
+    imported = ldm_cfg(tmp_path / "run", cache_dir, f"model.pretrained={model_dir(file)}")
+    assert from_header.noise == imported.noise and from_header.text.clip_skip == imported.text.clip_skip
 
 
 @pytest.fixture(scope="module")

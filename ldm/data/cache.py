@@ -57,6 +57,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save
 
 from ldm.config import require
+from ldm.data.captions import CaptionConfig
 from ldm.data.images import DataConfig, iter_prepared
 from ldm.data.sources import DataReport, SourceConfig
 from ldm.models.conditioning import TextEncoderConfig
@@ -82,6 +83,9 @@ class EncodeConfig:
     overwrite: bool = False          # true: delete a cache made with other settings; false: refuse
 
     def validate(self) -> None:
+        require(self.data.captions == CaptionConfig(),
+                "data.captions: the cache keeps captions as they are; shuffle tags or add a prefix in stage 3, "
+                "whose captions.* settings apply them as it trains")
         require(self.shard_size > 0, "shard_size must be > 0")
         require(self.batch_size > 0, "batch_size must be > 0")
         require(self.dtype == "auto" or self.dtype in DTYPES, f"dtype {self.dtype!r} is not auto|{'|'.join(DTYPES)}")

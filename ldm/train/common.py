@@ -20,7 +20,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -50,13 +50,15 @@ class LoopConfig:
     ema_decay: float = 0.0            # 0 disables EMA; else the max decay of diffusers' EMAModel
     ema_warmup: bool = True           # EMA warm-up (decay grows as 1 - (1 + step/inv_gamma)^-power)
     seed: int = 0
-    num_workers: int = 0              # DataLoader worker processes
-    log_every: int = 10               # steps between metrics lines
+    log_every: int = 10               # steps between metrics lines (>= 1)
     eval_every: int = 0               # steps between evaluations (0: only at the end)
     save_every: int = 0               # steps between resumable checkpoints (0: only at the end)
     checkpoints_total_limit: int = 2  # resumable checkpoints kept on disk
     max_nonfinite_steps: int = 5      # consecutive non-finite losses (steps skipped) before the run stops
     report_to: Literal["none", "tensorboard", "all"] = "none"
+
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "num_workers": "no DataLoader reads it (images are decoded once, latents memory-mapped)"}
 
     def validate(self) -> None:
         require(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
@@ -64,6 +66,7 @@ class LoopConfig:
         require(self.grad_accum > 0, f"train.grad_accum must be > 0, got {self.grad_accum}")
         require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         require(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        require(self.log_every >= 1, f"train.log_every must be >= 1 (the metrics file is the run's record), got {self.log_every}")
         require(self.checkpoints_total_limit >= 1, "train.checkpoints_total_limit must be >= 1")
         require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
 

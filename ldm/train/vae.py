@@ -19,6 +19,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ldm.config import require
+from ldm.data.captions import CaptionConfig
 from ldm.data.images import DataConfig, ImageStore, image_grid, load_images
 from ldm.losses import VAELoss, VAELossConfig
 from ldm.metrics import default_inception_path, inception_features, reconstruction_metrics
@@ -46,6 +47,8 @@ class VAETrainConfig:
     fid_weights: str = ""              # torch-fidelity's Inception weights file; "": torch's hub cache
 
     def validate(self) -> None:
+        require(self.data.captions == CaptionConfig(),
+                "data.captions: the VAE trains on images alone and never reads a caption; remove data.captions")
         require(self.scale_images > 0, "scale_images must be > 0")
         require(self.crop_size >= 0, "crop_size must be >= 0")
         if self.fid:

@@ -131,18 +131,13 @@ class MetricsLog:
             self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 
 
-def lr_lambda(loop: LoopConfig, start: int = 0):
-    """Multiplier of the peak LR at an optimiser step: linear warm-up, then the schedule. For an
-    optimiser that first steps at step `start`, both count from there (0 before), and the decay
-    still ends at the run's last step."""
+def lr_lambda(loop: LoopConfig):
+    """Multiplier of the peak LR at an optimiser step: linear warm-up, then the schedule."""
 
     def factor(step: int) -> float:
-        if step < start:
-            return 0.0
-        step, steps = step - start, loop.steps - start
         if step < loop.warmup_steps:
             return (step + 1) / loop.warmup_steps
-        progress = (step - loop.warmup_steps) / max(1, steps - loop.warmup_steps)
+        progress = (step - loop.warmup_steps) / max(1, loop.steps - loop.warmup_steps)
         if loop.lr_schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if loop.lr_schedule == "linear":

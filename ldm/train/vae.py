@@ -104,10 +104,11 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
     opt_ae = make_optimizer([p for p in ae.parameters() if p.requires_grad], loop)
     opt_d = make_optimizer(loss_fn.discriminator.parameters(), loop, lr=cfg.disc_lr or loop.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(loop))
-    # The discriminator's schedule counts from disc_start, its first step: a new discriminator
-    # warms up when it starts (not during steps it never takes), then decays to 0 at the run's
-    # end with the generator's, so neither side keeps a full rate against a frozen other.
-    d_sched = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(loop, start=cfg.loss.disc_start))
+    # The discriminator's schedule counts its own steps, from disc_start: a new discriminator warms
+    # up when it starts (not during steps it never takes), then decays to 0 at the run's end with
+    # the generator's, so neither side keeps a full rate against a frozen other.
+    disc_loop = dataclasses.replace(loop, steps=max(1, loop.steps - cfg.loss.disc_start))
+    d_sched = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(disc_loop))
     ae, disc, opt_ae, opt_d = accelerator.prepare(ae, loss_fn.discriminator, opt_ae, opt_d)
     register_schedule(accelerator, sched)
     vae = accelerator.unwrap_model(ae).vae
@@ -150,14 +151,16 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
         sched.step()  # important: once per optimiser step, not per micro-batch, or warm-up ends grad_accum x early
-        d_sched.step()
+        if loss_fn.disc_active(step):
+            d_sched.step()
         step += 1
         if ema is not None:
             ema.step(vae.parameters())
         progress.update(1)
         if step % loop.log_every == 0 or step == loop.steps:
             progress.set_postfix(rec=f"{logs['rec']:.4f}")
-            log.write(step, lr=sched.get_last_lr()[0], disc_lr=d_sched.get_last_lr()[0], skipped=guard.total, **logs)
+            log.write(step, lr=sched.get_last_lr()[0], disc_lr=d_sched.get_last_lr()[0] if loss_fn.disc_active(step) else 0.0,
+                      skipped=guard.total, **logs)
         if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps:
             with swapped_ema(ema, vae.parameters()):
                 results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg, features)

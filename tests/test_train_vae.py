@@ -14,6 +14,7 @@ import types
 import pytest
 import torch
 import torch.nn as nn
+from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
@@ -23,7 +24,7 @@ from ldm.config import ConfigError, load_config
 from ldm.data.images import load_images
 from ldm.models.presets import vae_config
 from ldm.models.vae import measure_latent_scale
-from ldm.train.common import load_object_state
+from ldm.train.common import load_object_state, make_accelerator
 from ldm.train.vae import VAETrainConfig, train_vae
 
 BASE = ["data.source.kind=shapes", "data.source.size=32", "data.source.resolution=16", "data.transform.resolution=16",
@@ -178,6 +179,28 @@ def test_rerunning_the_command_resumes_from_the_last_checkpoint(run, tmp_path):
     new = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][n_lines:]
     assert [line["step"] for line in new if "rec" in line] == [4]  # not 1, 2, 3 again
     assert adam_steps(out / "checkpoints" / "step-4" / "optimizer.bin") == 4
+
+
+def test_only_the_main_process_evaluates_and_writes(tmp_path, monkeypatch):
+    """On every other rank the loop trains, and neither evaluates nor writes grids or eval.json."""
+
+    class OtherRank(Accelerator):
+        @property
+        def is_main_process(self) -> bool:
+            return False
+
+    def other_rank(*args, **kwargs):
+        accelerator = make_accelerator(*args, **kwargs)
+        accelerator.__class__ = OtherRank
+        return accelerator
+
+    evaluated = []
+    monkeypatch.setattr(train_vae_module, "make_accelerator", other_rank)
+    monkeypatch.setattr(train_vae_module, "evaluate_vae", lambda *args, **kwargs: evaluated.append(1) or {})
+    out = tmp_path / "run"
+    out.mkdir()  # the main process makes it
+    train_vae(vae_cfg(out, "train.steps=2", "train.eval_every=1"))
+    assert not evaluated and not list(out.glob("recon-*.png")) and not (out / "eval.json").exists()
 
 
 # ----------------------------------------------------------------------------- fine-tuning, scale, config

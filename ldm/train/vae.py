@@ -161,7 +161,8 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
             progress.set_postfix(rec=f"{logs['rec']:.4f}")
             log.write(step, lr=sched.get_last_lr()[0], disc_lr=d_sched.get_last_lr()[0] if loss_fn.disc_active(step) else 0.0,
                       skipped=guard.total, **logs)
-        if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps:
+        # the main process alone: every rank would evaluate the same images and write the same files
+        if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps and accelerator.is_main_process:
             with swapped_ema(ema, vae.parameters()):
                 results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg, features)
             log.write(step, **{f"eval/{k}": v for k, v in results.items()})

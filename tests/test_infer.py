@@ -23,8 +23,6 @@ from ldm.models.presets import unet_config, vae_config
 from ldm.models.text import TEXT_PRESETS, build_tokenizer
 from ldm.sampling import SCHEDULERS, decode_latents, encode_images, make_scheduler, seed_sde_noise, seeded_generators
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")  # see tests/test_sampling.py
-
 PROMPTS = ["a red circle on the left", "a small blue square"]
 NEGATIVES = ["", "green"]
 SEEDS = [3, 7]

@@ -30,7 +30,8 @@ safetensors metadata, so `import_single_file` needs nothing else:
 Other readers never see that metadata, so the schedule also travels the ways they read it:
 
     "v_pred", "ztsnr"   empty tensors in the state dict of a v-prediction / zero-terminal-SNR
-                        model: ComfyUI's model detection looks for these keys
+                        model: ComfyUI's model detection looks for these keys (today for
+                        SDXL-shaped models only; it guesses SD-2's from the weights)
     <name>.yaml         beside a v-prediction file: the original LatentDiffusion inference config
                         with `parameterization: "v"` (as SD 2.x's v2-inference-v.yaml), which
                         A1111 and Forge load instead of guessing the config from the weights

@@ -24,7 +24,7 @@ import time
 
 from PIL import Image
 
-from ldm.diffusion import make_train_scheduler
+from ldm.diffusion import make_train_scheduler, objective_of
 from ldm.sampling import SCHEDULERS, make_scheduler
 from ldm.viz import (BETA_SCHEDULES, DEFAULT_TIMESTEPS, figure_to_image, forward_figure, forward_rows, noise_config,
                      parse_timesteps, reverse_figure, reverse_process, schedule_curves, schedule_label,
@@ -101,7 +101,10 @@ class Demo:
         if limits.max_size < self.multiple:
             raise ValueError(f"max_size {limits.max_size} is below the smallest image this pipeline makes ({self.multiple} px)")
         self.default_size = min(pipe.native_size, limits.max_size // self.multiple * self.multiple)
-        self.training_schedule = training_scheduler(pipe.base_scheduler_config)
+        # a flow model (noise.objective=flow) has no beta schedule: its forward process is not this tab's q(x_t | x_0)
+        self.flow = objective_of(pipe.base_scheduler_config) == "flow"
+        self.training_schedule = None if self.flow else training_scheduler(pipe.base_scheduler_config)
+        self.forward_schedules = [*([] if self.flow else [PIPELINE_SCHEDULE]), *BETA_SCHEDULES]
         self.schedulers = usable_schedulers(pipe.base_scheduler_config)
 
     def generate(self, prompt: str, negative_prompt: str, scheduler: str, steps, guidance_scale, seed, width, height,
@@ -137,10 +140,13 @@ class Demo:
         return shapes_image(int(seed), self.default_size)
 
     def schedules_plot(self) -> Image.Image:
-        curves = standard_schedules() + [schedule_curves(self.training_schedule, "this pipeline")]
+        curves = standard_schedules() + ([] if self.flow else [schedule_curves(self.training_schedule, "this pipeline")])
         return figure_to_image(schedules_figure(curves))
 
     def _schedule(self, schedule: str, zero_snr: bool):
+        if schedule == PIPELINE_SCHEDULE and self.flow:
+            raise RequestError("this pipeline was trained with noise.objective=flow, x_t = (1 - t) x0 + t eps, which has "
+                               f"no beta schedule to show; choose one of {BETA_SCHEDULES}")
         if schedule == PIPELINE_SCHEDULE:
             return self.training_schedule, "this pipeline's training schedule"
         if schedule not in BETA_SCHEDULES:
@@ -220,7 +226,7 @@ def build_app(demo: Demo):
                     with gr.Row():
                         shapes_seed = gr.Number(value=0, precision=0, label="shapes seed", elem_id="shapes-seed")
                         draw = gr.Button("Draw a shapes scene", elem_id="draw-shapes")
-                    schedule = gr.Dropdown([PIPELINE_SCHEDULE, *BETA_SCHEDULES], value=PIPELINE_SCHEDULE, label="schedule",
+                    schedule = gr.Dropdown(demo.forward_schedules, value=demo.forward_schedules[0], label="schedule",
                                            elem_id="schedule")
                     zero_snr = gr.Checkbox(label="zero terminal SNR (Lin et al. 2024)", elem_id="zero-snr",
                                            info="applies to the named schedules; the pipeline's is used as trained")

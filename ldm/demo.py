@@ -22,6 +22,8 @@ from ldm.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 N_EVAL = 128  # prompts scored at the end (a steadier score than 64 gave)
+N_QUALITY = 200  # held-out captions and images of the FID/KID/retrieval figures on real data
+PREPARED = {"emoji": "prepare_emoji"}  # datasets that `python -m ldm.data.prepare NAME` makes, by folder name
 
 
 def run_stage(timings: dict, key: str, done: Path, fn) -> None:
@@ -35,9 +37,20 @@ def run_stage(timings: dict, key: str, done: Path, fn) -> None:
     timings[key] = round(time.time() - t0, 1)
 
 
+def prepare_data(timings: dict, source) -> None:
+    """Make the prepared dataset a preset reads (`<name>-<size>`, e.g. runs/data/emoji-64) unless it is there."""
+    path = Path(source.path or "")
+    name, _, size = path.name.rpartition("-")
+    if source.kind != "imagefolder" or name not in PREPARED or not size.isdigit():
+        return
+    from ldm.data import prepare
+
+    run_stage(timings, "data_s", path / "metadata.jsonl",
+              lambda: getattr(prepare, PREPARED[name])(path, size=int(size)))
+
+
 def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = N_EVAL, overrides: dict[str, list[str]] | None = None) -> dict:
     from ldm.data.cache import EncodeConfig, encode_dataset
-    from ldm.evaluate import format_scores, prompt_adherence
     from ldm.infer import load_pipeline
     from ldm.train.clip import ClipTrainConfig, train_clip
     from ldm.train.ldm import LDMTrainConfig, train_ldm
@@ -48,6 +61,7 @@ def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = N_EVAL, overri
     clip_dir, vae_dir, cache_dir, ldm_dir = out / "clip", out / "vae", out / "latents", out / "ldm"
 
     clip_cfg = load_config(ClipTrainConfig, CONFIGS / "clip" / f"{preset}.yaml", [f"out_dir={clip_dir}", *overrides.get("clip", [])])
+    prepare_data(timings, clip_cfg.data.source)
     run_stage(timings, "clip_s", clip_dir / "text_encoder" / "config.json", lambda: train_clip(clip_cfg))
     text = f"text.encoder={clip_dir}"
 
@@ -66,22 +80,48 @@ def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = N_EVAL, overri
     pipe = load_pipeline(ldm_dir / "pipeline")
     val = ldm_cfg.validation
     sampling = dict(scheduler=val.scheduler, steps=val.steps, guidance_scale=val.guidance_scale, batch_size=32)
-    scores = prompt_adherence(pipe, n=n_eval, out_dir=out, **sampling)
+    summary = {"timings_s": timings, "vae_eval": json.loads((vae_dir / "eval.json").read_text())}
+    if enc_cfg.data.source.kind == "shapes":
+        summary["adherence"] = score_shapes(pipe, out, n_eval, sampling)
+    else:
+        summary["quality"] = score_real(pipe, enc_cfg.data, clip_dir, out, n_eval, sampling)
     timings["sample_s"] = round(time.time() - t0, 1)
-    summary = {"adherence": scores, "timings_s": timings,
-               "vae_eval": json.loads((vae_dir / "eval.json").read_text())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    by_size = json.loads((out / "adherence.json").read_text())["by_size"]
-    print(f"\nprompt adherence over {n_eval} prompts: {format_scores(scores)}")
-    print("shape of small / large objects: " + " / ".join(f"{by_size[s]['shape']:.0%}" for s in ("small", "large")))
-    print(f"grid: {out / 'adherence-grid.png'}   timings: {summary['timings_s']}")
+    print(f"timings: {summary['timings_s']}")
     return summary
+
+
+def score_shapes(pipe, out: Path, n: int, sampling: dict) -> dict:
+    """The analyzer's prompt adherence over `n` fixed prompts (adherence.json, adherence-grid.png)."""
+    from ldm.evaluate import format_scores, prompt_adherence
+
+    scores = prompt_adherence(pipe, n=n, out_dir=out, **sampling)
+    by_size = json.loads((out / "adherence.json").read_text())["by_size"]
+    print(f"\nprompt adherence over {n} prompts: {format_scores(scores)}")
+    print("shape of small / large objects: " + " / ".join(f"{by_size[s]['shape']:.0%}" for s in ("small", "large") if s in by_size))
+    print(f"grid: {out / 'adherence-grid.png'}")
+    return scores
+
+
+def score_real(pipe, data, clip_dir: Path, out: Path, n: int, sampling: dict) -> dict:
+    """FID/KID against the held-out images with the real-vs-real floor, and caption retrieval with
+    the real images' ceiling, in the features of the CLIP trained on the captions (eval.json,
+    heldout-vs-generated.png: held-out images above the images generated from their captions)."""
+    from ldm.evaluate import evaluate_pipeline
+
+    record = evaluate_pipeline(pipe, data, f"clip:{clip_dir}", n=n, out_dir=out, **sampling)
+    print(f"grid: {out / 'heldout-vs-generated.png'}")
+    return record["quality"]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Train CLIP and VAE, cache latents, train the U-Net, sample and score, on shapes.")
-    parser.add_argument("--out", default="runs/demo", help="run directory")
-    parser.add_argument("--preset", default="shapes_cpu", help="config name in configs/{vae,encode,ldm}/")
-    parser.add_argument("--n-eval", type=int, default=N_EVAL, help="prompts for the adherence score")
+    parser.add_argument("--out", help="run directory (default: runs/demo for shapes_cpu, else runs/<preset>)")
+    parser.add_argument("--preset", default="shapes_cpu", help="config name in configs/{clip,vae,encode,ldm}/: "
+                        "shapes_cpu, shapes_gpu, emoji_cpu, emoji_gpu")
+    parser.add_argument("--n-eval", type=int, help=f"prompts scored at the end (default: {N_EVAL} on shapes, "
+                        f"{N_QUALITY} held-out captions on a prepared dataset)")
     args = parser.parse_args(argv)
-    run_demo(Path(args.out), args.preset, args.n_eval)
+    out = Path(args.out or ("runs/demo" if args.preset == "shapes_cpu" else f"runs/{args.preset}"))
+    n_eval = args.n_eval or (N_EVAL if args.preset.startswith("shapes") else N_QUALITY)
+    run_demo(out, args.preset, n_eval)

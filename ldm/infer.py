@@ -32,12 +32,13 @@ from diffusers.utils import load_image
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from ldm.diffusion import objective_of
 from ldm.fast import FastConfig, apply_to_pipeline
 from ldm.models.text import encode_prompts
 from ldm.models.vae import downsample_factor
 from ldm.safetensors_io import open_safetensors
-from ldm.sampling import (SCHEDULERS, Inpainting, decode_latents, denoise, encode_images, initial_noise,
-                          make_scheduler, scheduler_name_of, seed_sde_noise, seeded_generators)
+from ldm.sampling import (DEFAULT_SAMPLERS, SCHEDULERS, Inpainting, decode_latents, denoise, encode_images,
+                          initial_noise, make_scheduler, scheduler_name_of, seed_sde_noise, seeded_generators)
 
 DEFAULT_SCHEDULER = "dpm++2m"  # for a pipeline whose saved scheduler has no name in SCHEDULERS
 
@@ -190,9 +191,11 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtyp
         if module.dtype != dtype:  # (diffusers warns on every dtype argument to .to(), even a no-op one)
             module.to(dtype=dtype)
     record = _ldm_record(path)
+    # the class tells a saved FlowMatch* scheduler (a flow model's) from a diffusion one
+    base = dict(record.get("training_scheduler") or {"_class_name": type(sd.scheduler).__name__, **sd.scheduler.config})
     pipe = Pipeline(unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
-                    base_scheduler_config=dict(record.get("training_scheduler") or sd.scheduler.config),
-                    default_scheduler=scheduler_name_of(sd.scheduler) or DEFAULT_SCHEDULER,
+                    base_scheduler_config=base,
+                    default_scheduler=scheduler_name_of(sd.scheduler) or DEFAULT_SAMPLERS[objective_of(base)],
                     clip_skip=int(record.get("clip_skip", 0)), path=str(path))
     return apply_to_pipeline(pipe, fast) if fast is not None else pipe
 

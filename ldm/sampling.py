@@ -3,12 +3,15 @@
 Every scheduler is built from the model's training schedule (`make_scheduler`): the prediction
 type, betas, timestep spacing and zero-terminal-SNR rescaling a model was trained with carry over
 to whichever sampler a user picks, and a sampler that cannot honour the schedule is refused.
+Samplers belong to one objective: the diffusion ones (DDPM process, epsilon or v) and the flow ones
+(`flow-*`: rectified flow, the model predicts the velocity eps - x0; Esser et al. 2024); asking
+for one on a model of the other objective is refused by name.
 
 `denoise()` is the loop of diffusers' StableDiffusionPipeline, StableDiffusionImg2ImgPipeline and
 StableDiffusionInpaintPipeline in one place, with the same random draws in the same order, the
 same guidance and the same scheduler calls, so for the same seeds it gives the same latents:
 
-    text-to-image   start from noise * init_noise_sigma
+    text-to-image   start from noise * init_noise_sigma (flow: the noise itself, x_1 = eps)
     img2img         skip the first (1 - strength) of the steps; start from the image noised to
                     the first kept timestep (SDEdit, Meng et al. 2022)
     inpainting      4-channel UNets: after each step, outside the mask, put back the image noised
@@ -26,16 +29,18 @@ from typing import Callable
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                        DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler,
                        HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
                        LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
+from ldm.diffusion import FLOW_PREDICTION, objective_of
 from ldm.models.vae import latent_scale
 
 # name -> (scheduler class, the sampler settings the name fixes, one-line description)
-SCHEDULERS: dict[str, tuple[type, dict, str]] = {
+DIFFUSION_SCHEDULERS: dict[str, tuple[type, dict, str]] = {
     "ddpm": (DDPMScheduler, {}, "ancestral DDPM (Ho et al. 2020)"),
     "ddim": (DDIMScheduler, {}, "DDIM, deterministic at eta=0 (Song et al. 2021)"),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}, "PLMS, pseudo linear multistep (Liu et al. 2022)"),
@@ -56,6 +61,21 @@ SCHEDULERS: dict[str, tuple[type, dict, str]] = {
     "unipc": (UniPCMultistepScheduler, {}, "UniPC (Zhao et al. 2023)"),
     "deis": (DEISMultistepScheduler, {}, "DEIS multistep (Zhang & Chen 2023)"),
 }
+# For models trained with noise.objective=flow: diffusers' FlowMatch* schedulers, and its multistep
+# solvers on flow sigmas (use_flow_sigmas, prediction_type=flow_prediction). Only the latter have
+# init_noise_sigma and scale_model_input, which diffusers' StableDiffusionPipeline calls.
+FLOW_SCHEDULERS: dict[str, tuple[type, dict, str]] = {
+    "flow-euler": (FlowMatchEulerDiscreteScheduler, {}, "Euler on the flow ODE dx/dt = v (Esser et al. 2024; SD3's)"),
+    "flow-heun": (FlowMatchHeunDiscreteScheduler, {}, "Heun 2nd order on the flow ODE (Karras et al. 2022, alg. 1)"),
+    "flow-lcm": (FlowMatchLCMScheduler, {}, "multistep consistency sampling (Luo et al. 2023): x0, then re-noised"),
+    "flow-dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_flow_sigmas": True},
+                     "DPM-Solver++(2M) on flow sigmas (Lu et al. 2022)"),
+    "flow-unipc": (UniPCMultistepScheduler, {"use_flow_sigmas": True}, "UniPC on flow sigmas (Zhao et al. 2023)"),
+}
+SCHEDULERS: dict[str, tuple[type, dict, str]] = {**DIFFUSION_SCHEDULERS, **FLOW_SCHEDULERS}
+# What a model is sampled with when nobody names a sampler: one that diffusers' StableDiffusionPipeline
+# also runs, so an export's saved scheduler works there as it is.
+DEFAULT_SAMPLERS = {"diffusion": "dpm++2m", "flow": "flow-dpm++2m"}
 
 # Keys some name above fixes: a sampler choice, not the model's schedule, so they never carry over
 # from the saved scheduler (a pipeline saved with Karras sigmas must not make "euler" use them).
@@ -71,14 +91,42 @@ def _init_params(cls: type) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(cls.__init__).parameters)
 
 
+def sampler_objective(name: str) -> str:
+    """The training objective the sampler `name` fits: "flow" or "diffusion"."""
+    return "flow" if name in FLOW_SCHEDULERS else "diffusion"
+
+
+def samplers_for(objective: str) -> list[str]:
+    return [n for n in SCHEDULERS if sampler_objective(n) == objective]
+
+
+def _flow_schedule(schedule: dict) -> dict:
+    """A flow schedule in every flow scheduler's words: `shift` (FlowMatch*) is `flow_shift` to the
+    multistep solvers, whose target is prediction_type=flow_prediction."""
+    if schedule.get("use_dynamic_shifting"):
+        raise ValueError("this model's scheduler shifts its timesteps by image size (use_dynamic_shifting, as Flux "
+                         "does); the samplers here take a fixed shift")
+    shift = schedule.get("shift", schedule.get("flow_shift", 1.0))
+    # steps_offset: flow sigmas ignore it, and StableDiffusionPipeline rewrites any value but 1, with a warning
+    return {**schedule, "shift": shift, "flow_shift": shift, "prediction_type": FLOW_PREDICTION, "steps_offset": 1}
+
+
 def make_scheduler(name: str, schedule: dict):
     """The scheduler `name`, configured with the model's training `schedule` (a scheduler config).
 
     Keys the class does not take are dropped, except zero-terminal-SNR rescaling: a scheduler that
     cannot apply it would sample another noise schedule than the model learned, so it is refused.
+    A sampler of the other objective (a diffusion sampler on a flow model, or a flow one on an
+    epsilon/v model) would integrate the wrong process, so it is refused too.
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    objective = objective_of(schedule)
+    if sampler_objective(name) != objective:
+        raise ValueError(f"scheduler {name!r} samples {sampler_objective(name)} models, but this model was trained "
+                         f"with noise.objective={objective}; use one of: {', '.join(samplers_for(objective))}")
+    if objective == "flow":
+        schedule = _flow_schedule(schedule)
     cls, settings, _ = SCHEDULERS[name]
     if name == "dpm++sde":
         try:
@@ -87,7 +135,7 @@ def make_scheduler(name: str, schedule: dict):
             raise ImportError("scheduler 'dpm++sde' needs torchsde: pip install torchsde") from err
     params = _init_params(cls)
     if schedule.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:
-        able = [n for n, (c, _, _) in SCHEDULERS.items() if "rescale_betas_zero_snr" in _init_params(c)]
+        able = [n for n, (c, _, _) in DIFFUSION_SCHEDULERS.items() if "rescale_betas_zero_snr" in _init_params(c)]
         raise ValueError(f"scheduler {name!r} cannot sample this model's zero-terminal-SNR schedule "
                          f"(rescale_betas_zero_snr); use one of: {', '.join(able)}")
     config = {**LATENT_DEFAULTS, **{k: v for k, v in schedule.items() if k not in SAMPLER_KEYS}, **settings}
@@ -177,9 +225,40 @@ def kept_timesteps(scheduler, num_steps: int, strength: float, device) -> torch.
     return scheduler.timesteps[start:]
 
 
+def is_flow(scheduler) -> bool:
+    """Whether `scheduler` samples a flow-matching model (a FlowMatch* class or flow sigmas)."""
+    return objective_of({"_class_name": type(scheduler).__name__, **scheduler.config}) == "flow"
+
+
+def _sigma(scheduler, t, like: torch.Tensor) -> torch.Tensor:
+    """A flow scheduler's sigma (= t in [0, 1]) of timestep(s) t: every flow scheduler's timesteps
+    are sigma * num_train_timesteps (DPM-Solver's and UniPC's rounded down to integers), as the
+    U-Net was trained (ldm.diffusion.flow_inputs)."""
+    t = torch.as_tensor(t, device=like.device).float().reshape(-1)
+    return (t / scheduler.config.num_train_timesteps).to(like.dtype).view(-1, *[1] * (like.ndim - 1))
+
+
+def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """x0 noised to `timesteps`: the scheduler's add_noise, or for the FlowMatch* schedulers, which
+    have none, x_t = (1 - sigma) x0 + sigma eps (Esser et al. 2024, eq. 1; their scale_noise,
+    without its dependence on the scheduler's step index)."""
+    if hasattr(scheduler, "add_noise"):
+        return scheduler.add_noise(x0, noise, timesteps)
+    sigma = _sigma(scheduler, timesteps, x0)
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def _scale_model_input(scheduler, x: torch.Tensor, t) -> torch.Tensor:
+    """The FlowMatch* schedulers feed x_t to the model as it is and have no scale_model_input."""
+    return scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+
+
 def predicted_x0(scheduler, model_input: torch.Tensor, prediction: torch.Tensor, t) -> torch.Tensor:
     """x0 from the scaled model input (x_t = sqrt(abar) x0 + sqrt(1 - abar) eps for every
-    scheduler, after scale_model_input) and the prediction, for any scheduler."""
+    scheduler, after scale_model_input) and the prediction, for any scheduler.
+    Flow: x_t = (1 - sigma) x0 + sigma eps and v = eps - x0, so x0 = x_t - sigma v."""
+    if is_flow(scheduler):
+        return model_input - _sigma(scheduler, t, model_input) * prediction
     abar = scheduler.alphas_cumprod.to(model_input.device)[int(round(float(t)))].to(model_input.dtype)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -208,8 +287,8 @@ def _start(scheduler, noise: torch.Tensor, num_steps: int, strength: float, imag
         scheduler.set_timesteps(num_steps, device=noise.device)
         timesteps = scheduler.timesteps
     if strength < 1.0:
-        return timesteps, scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(noise.shape[0]))
-    return timesteps, noise * scheduler.init_noise_sigma
+        return timesteps, add_noise(scheduler, image_latents, noise, timesteps[:1].repeat(noise.shape[0]))
+    return timesteps, noise * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch*: none; x_1 = eps
 
 
 @torch.no_grad()
@@ -240,7 +319,7 @@ def denoise(
         inpaint_channels = [torch.cat([c] * 2) if guided else c for c in (inpaint.mask, inpaint.masked_image_latents)]
     extra = _step_kwargs(scheduler, generator, eta)
     for i, t in enumerate(timesteps):
-        model_in = scheduler.scale_model_input(torch.cat([x] * 2) if guided else x, t)
+        model_in = _scale_model_input(scheduler, torch.cat([x] * 2) if guided else x, t)
         scaled = model_in[-x.shape[0]:]
         if inpaint_channels:
             model_in = torch.cat([model_in, *inpaint_channels], dim=1)
@@ -260,7 +339,7 @@ def denoise(
             # outside the mask: the image itself, noised to the level the next step starts from
             known = image_latents
             if i + 1 < len(timesteps):
-                known = scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+                known = add_noise(scheduler, image_latents, noise, timesteps[i + 1 : i + 2])
             x = (1 - inpaint.mask) * known + inpaint.mask * x
         if callback is not None:
             callback(i, int(t), x, x0)

@@ -87,6 +87,8 @@ def test_eval_and_run_directory(run):
     cfg, out = run
     results = json.loads((out / "eval.json").read_text())
     assert results["candidates"] == 8 and 0 <= results["i2t_top1"] <= 1
+    assert results["split"] == {"rule": "shapes-seed", "eval_size": 8, "seed": 1_000_003, "count": 8,
+                                "keys_sha256": results["split"]["keys_sha256"]}
     for name in ("config.yaml", "tokenizer/tokenizer_config.json", "image_encoder/config.json",
                  "text_encoder/config.json"):
         assert (out / name).is_file(), name

@@ -11,7 +11,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from ldm.diffusion import NoiseConfig, scheduler_config
 from ldm.models.presets import unet_config, vae_config
 from ldm.sampling import (SCHEDULERS, Inpainting, decode_latents, denoise, encode_images, initial_noise,
-                          make_scheduler, predicted_x0, scheduler_name_of, seed_sde_noise, seeded_generators)
+                          make_scheduler, predicted_x0, sampler_objective, scheduler_name_of, seed_sde_noise,
+                          seeded_generators)
 
 # The training schedules a model can come with (ldm.diffusion is what stage 3 saves).
 SCHEDULES = {
@@ -19,10 +20,12 @@ SCHEDULES = {
     "v_prediction": scheduler_config(NoiseConfig(prediction_type="v_prediction")),
     "v_zero_snr_trailing": scheduler_config(NoiseConfig(prediction_type="v_prediction", zero_terminal_snr=True,
                                                         timestep_spacing="trailing")),
+    "flow": scheduler_config(NoiseConfig(objective="flow", shift=3.0)),
 }
 ZERO_SNR_CAPABLE = {"ddpm", "ddim", "euler", "euler_a", "dpm++2m", "dpm++2m_karras", "dpm++2m_sde", "unipc"}
 CASES = [(name, schedule) for schedule in SCHEDULES for name in SCHEDULERS
-         if schedule != "v_zero_snr_trailing" or name in ZERO_SNR_CAPABLE]
+         if (schedule == "flow") == (sampler_objective(name) == "flow")
+         and (schedule != "v_zero_snr_trailing" or name in ZERO_SNR_CAPABLE)]
 LATENT = (2, 4, 4, 4)  # two 16 px images through the f4 VAE
 
 
@@ -45,8 +48,12 @@ def test_every_scheduler_gives_finite_images_with_the_models_schedule(models, na
     unet, vae, cond, uncond = models
     scheduler = make_scheduler(name, SCHEDULES[schedule])
     seed_sde_noise(scheduler, [0, 1])
-    for key in ("prediction_type", "beta_schedule", "beta_start", "beta_end", "num_train_timesteps"):
+    keys = ("num_train_timesteps",) if schedule == "flow" else ("prediction_type", "beta_schedule", "beta_start",
+                                                                   "beta_end", "num_train_timesteps")
+    for key in keys:
         assert scheduler.config[key] == SCHEDULES[schedule][key], key
+    if schedule == "flow":  # the shift, in the class's own word for it
+        assert scheduler.config.get("shift", scheduler.config.get("flow_shift")) == 3.0
     if schedule == "v_zero_snr_trailing":
         assert scheduler.config.rescale_betas_zero_snr and scheduler.config.timestep_spacing == "trailing"
     noise, generators = _noise()
@@ -54,12 +61,12 @@ def test_every_scheduler_gives_finite_images_with_the_models_schedule(models, na
     images = decode_latents(vae, latents)
     assert images.shape == (2, 3, 16, 16)
     assert torch.isfinite(latents).all() and torch.isfinite(images).all()
-    assert not torch.equal(latents, noise * scheduler.init_noise_sigma)  # it did step
+    assert not torch.equal(latents, noise * getattr(scheduler, "init_noise_sigma", 1.0))  # it did step
 
 
 def test_a_scheduler_that_cannot_sample_zero_terminal_snr_is_refused():
     able = [n for n in SCHEDULERS if n in ZERO_SNR_CAPABLE]
-    for name in set(SCHEDULERS) - ZERO_SNR_CAPABLE:
+    for name in {n for n in SCHEDULERS if sampler_objective(n) == "diffusion"} - ZERO_SNR_CAPABLE:
         with pytest.raises(ValueError, match=rf"'{re.escape(name)}' cannot sample .*zero-terminal-SNR.*{re.escape(', '.join(able))}"):
             make_scheduler(name, SCHEDULES["v_zero_snr_trailing"])
 
@@ -79,7 +86,8 @@ def test_sampler_settings_come_from_the_name_not_the_saved_scheduler():
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_scheduler_name_of_names_what_make_scheduler_built(name):
-    assert scheduler_name_of(make_scheduler(name, SCHEDULES["epsilon"])) == name
+    schedule = SCHEDULES["flow" if sampler_objective(name) == "flow" else "epsilon"]
+    assert scheduler_name_of(make_scheduler(name, schedule)) == name
 
 
 def test_scheduler_name_of_a_sampler_outside_the_registry_is_none():

@@ -73,6 +73,11 @@ def test_stage3_exports_a_pipeline_diffusers_loads(stages):
     info = json.loads((stages["pipeline"] / "ldm.json").read_text())
     assert info["caption_dropout"] == pytest.approx(0.1)
     assert info["training_scheduler"]["prediction_type"] == pipe.scheduler.config.prediction_type
+    # the same held-out images, recorded by every stage: VAE eval.json, cache manifest, ldm.json
+    vae_split = json.loads((stages["out"] / "vae" / "eval.json").read_text())["split"]
+    manifest = json.loads((stages["cache"] / "manifest.json").read_text())
+    assert info["split"] == manifest["split"] == vae_split
+    assert vae_split["rule"] == "shapes-seed" and vae_split["count"] == 8 and len(vae_split["keys_sha256"]) == 64
     run = stages["out"] / "ldm"
     assert (run / "samples" / "step-000002.png").exists() and (run / "samples" / "step-000003.png").exists()
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

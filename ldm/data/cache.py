@@ -5,7 +5,7 @@ Layout of a cache directory:
     manifest.json             what made it (below); written last, so its presence means complete
     encoding.json             the settings of an encode in progress (removed when it completes)
     train-00000.safetensors   shard k: records [k * shard_size, (k + 1) * shard_size) of the split
-    eval-00000.safetensors    held-out records, same format
+    eval-00000.safetensors    held-out records (chosen by key hash, ldm.data.split), same format
     text.safetensors          optional (EncodeConfig.text): the text encoder's output per caption
     encode.jsonl              one line per shard written: process, records, seconds, images/s
 
@@ -28,9 +28,11 @@ loading them (`LatentCache`), so a cache may be larger than RAM.
 
 The manifest records the format version, the VAE weights' hash, its scaling and shift, the
 resolution, bucket, crop and flip settings, the source and a fingerprint of its files, the
-encode precision, the shard size and the counts. `open_cache(..., expect=...)` refuses a cache
-that does not match the run and says what differs; an encode refuses to add to a directory made
-with other settings unless overwrite=true. Shards are written atomically (temp file + rename),
+held-out split (`split`: its rule and settings, the number of held-out keys and a SHA-256 of
+them, see ldm.data.split), the encode precision, the shard size and the counts.
+`open_cache(..., expect=...)` refuses a cache that does not match the run and says what
+differs; an encode refuses to add to a directory made with other settings unless
+overwrite=true, and refuses to hold out other images than the VAE's run did (ldm.data.split). Shards are written atomically (temp file + rename),
 and an interrupted encode resumes by skipping the shards that exist. With several processes
 (accelerate launch) process r encodes the shards k with k % world == r; a shard's batches depend
 on its own records only, so the result is the same as one process's.
@@ -56,15 +58,16 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save
 
-from ldm.config import require
+from ldm.config import ConfigError, require
 from ldm.data.captions import CaptionConfig
-from ldm.data.images import DataConfig, iter_prepared
+from ldm.data.images import DataConfig, iter_prepared, plan_split
 from ldm.data.sources import DataReport, SourceConfig
+from ldm.data.split import HeldOut, upstream_split_problem
 from ldm.models.conditioning import TextEncoderConfig
 from ldm.safetensors_io import open_safetensors, unreadable_safetensors
 
 FORMAT = "ldm-latent-cache"
-VERSION = 2  # 2: source fingerprint, encode precision, optional text.safetensors
+VERSION = 3  # 2: source fingerprint, encode precision, optional text.safetensors; 3: held out by key hash, `split`
 MANIFEST, PENDING, TEXT_FILE, LOG_FILE = "manifest.json", "encoding.json", "text.safetensors", "encode.jsonl"
 SPLITS = ("train", "eval")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,11 +105,16 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return name
 
 
-def expected_manifest(cfg: EncodeConfig, vae, dtype: str = "fp32") -> dict:
-    """The fields that must match between a cache and the encode that adds to it."""
+def expected_manifest(cfg: EncodeConfig, vae, dtype: str = "fp32", heldout: HeldOut | None = None) -> dict:
+    """The fields that must match between a cache and the encode that adds to it.
+
+    `split` is the held-out set's record (ldm.data.split); for a stream, whose held-out keys are
+    known only after a pass, just its rule and settings (the manifest gets the full record).
+    """
     from ldm.models.vae import downsample_factor, latent_scale, weights_hash
 
     scale, shift = latent_scale(vae)
+    split = (heldout if heldout is not None else plan_split(cfg.data)).record()
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -118,7 +126,7 @@ def expected_manifest(cfg: EncodeConfig, vae, dtype: str = "fp32") -> dict:
         "transform": dataclasses.asdict(cfg.data.transform),
         "source": dataclasses.asdict(cfg.data.source),
         "source_fingerprint": source_fingerprint(cfg.data.source),
-        "eval_size": cfg.data.eval_size,
+        "split": {k: v for k, v in split.items() if v is not None},
         "max_images": cfg.data.max_images,
         "shard_size": cfg.shard_size,
         "encode_dtype": dtype,
@@ -192,7 +200,12 @@ def encode_dataset(cfg: EncodeConfig, accelerator=None) -> Path:
     dtype = resolve_dtype(cfg.dtype, accelerator.device)
     vae = load_vae(cfg.vae).eval().requires_grad_(False)
     # important: the hash is taken before the cast, so it is the hash of the weights stage 3 loads
-    expected = expected_manifest(cfg, vae, dtype)
+    heldout = plan_split(cfg.data)  # one plan for both passes: a stream's held-out keys are collected as they pass
+    expected = expected_manifest(cfg, vae, dtype, heldout)
+    # the VAE's run (vae=<run>/vae): stage 3 must not evaluate on images the VAE trained on
+    problem = upstream_split_problem(Path(cfg.vae).parent, expected["source"], expected["split"], "this encode")
+    if problem:
+        raise ConfigError(problem)
     vae = _for_encoding(vae, accelerator.device, DTYPES[dtype])
 
     if accelerator.is_main_process:
@@ -201,10 +214,10 @@ def encode_dataset(cfg: EncodeConfig, accelerator=None) -> Path:
     # Every process reads the whole source (a record's index counts the usable records before
     # it), so the main process's report alone is complete: merging would count each item N times.
     report = DataReport()
-    counts = {split: _encode_split(cfg, vae, split, out_dir, accelerator, report) for split in SPLITS}
+    counts = {split: _encode_split(cfg, vae, split, out_dir, accelerator, report, heldout) for split in SPLITS}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        manifest = {**expected, "splits": _check_shards(out_dir, counts, cfg.shard_size),
+        manifest = {**expected, "split": heldout.record(), "splits": _check_shards(out_dir, counts, cfg.shard_size),
                     "report": report.to_dict(), "processes": accelerator.num_processes}
         if cfg.text is not None:
             manifest["text"] = _cache_text(cfg.text, out_dir, manifest["splits"], cfg.batch_size, accelerator.device)
@@ -246,7 +259,7 @@ def _prepare_dir(out_dir: Path, expected: dict, overwrite: bool) -> None:
     _write_json_atomic(out_dir / PENDING, expected)
 
 
-def _encode_split(cfg: EncodeConfig, vae, split: str, out_dir: Path, accelerator, report: DataReport) -> int:
+def _encode_split(cfg: EncodeConfig, vae, split: str, out_dir: Path, accelerator, report: DataReport, heldout: HeldOut) -> int:
     """Encode this process's missing shards of `split`; returns the split's record count."""
     rank, world = accelerator.process_index, accelerator.num_processes
     seen = 0
@@ -259,7 +272,7 @@ def _encode_split(cfg: EncodeConfig, vae, split: str, out_dir: Path, accelerator
 
     desc = f"encode {split}" if accelerator.is_local_main_process else ""
     shard, current = None, None
-    for index, image, captions, rid, meta in _prefetch(iter_prepared(cfg.data, split, report, mine_and_missing, desc), PREFETCH):
+    for index, image, captions, rid, meta in _prefetch(iter_prepared(cfg.data, split, report, mine_and_missing, desc, heldout), PREFETCH):
         k = index // cfg.shard_size
         if k != current:
             if shard is not None:

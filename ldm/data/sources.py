@@ -20,6 +20,11 @@ Kinds (`SourceConfig.kind`):
   member's caption column.
 - ``shapes``: the embedded synthetic dataset, `ldm.data.shapes.ShapesDataset`.
 
+Each item has a split key, which alone decides whether it is held out (`ldm.data.split`): the
+path relative to the folder root with forward slashes (imagefolder), the sample's ``__key__``
+(webdataset, without the shard's name), the row index (hf, streaming or not). `Source.keys()`
+lists them without reading an image; `Source.where(...)` keeps one split's items.
+
 Image policy: EXIF orientation applied; RGBA / LA / palette-with-transparency composited on
 white; CMYK, palette, grayscale -> RGB; 16-bit scaled to 8-bit (divided by 257, not clipped);
 more than `max_pixels` pixels: a decompression bomb, skipped; truncated: skipped (we never set
@@ -322,6 +327,11 @@ class _Skip(Exception):
 class _Item:
     id: str
     fetch: Fetch  # reads lazily, so a shard reads only its own items
+    key: str | None = ""  # what the held-out split hashes (ldm.data.split): "" the id; None: no image, never held out
+
+    @property
+    def split_key(self) -> str | None:
+        return self.id if self.key == "" else self.key
 
 
 class Source:
@@ -350,6 +360,18 @@ class Source:
             raise ValueError(f"shard rank {rank} is not in [0, world={world})")
         return type(self)(self._items, self.cfg, self.report, self.transform,
                           self.rank + self.world * rank, self.world * world, self.total)
+
+    def keys(self) -> Iterator[str]:
+        """The split key (ldm.data.split) of every item that may be an image, in order, without reading one."""
+        return (key for item in self._items() if (key := item.split_key) is not None)
+
+    def where(self, keep_key: Callable[[str | None], bool], on_end: Callable[[], None] | None = None) -> Source:
+        """The items whose split key `keep_key` accepts (None for an item that is no image), before
+        shards are cut, counted into the same report; `on_end()` runs when an iteration has gone
+        through every item."""
+        items = functools.partial(_items_where, self._items, keep_key, on_end)
+        total = None if self.total is None else sum(1 for item in self._items() if keep_key(item.split_key))
+        return (Source if total is None else SizedSource)(items, self.cfg, self.report, self.transform, total=total)
 
     def __iter__(self) -> Iterator[Record]:
         for item in itertools.islice(self._items(), self.rank, None, self.world):
@@ -383,6 +405,15 @@ class Source:
             return False
         self.report.note("too_small_upscaled", name)
         return True
+
+
+def _items_where(items: Callable[[], Iterable[_Item]], keep_key: Callable[[str | None], bool],
+                 on_end: Callable[[], None] | None) -> Iterator[_Item]:
+    for item in items():
+        if keep_key(item.split_key):
+            yield item
+    if on_end is not None:
+        on_end()
 
 
 class SizedSource(Source):
@@ -454,6 +485,9 @@ def _shapes_row(dataset, i: int) -> tuple[Image.Image, Any]:
 # --- imagefolder
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+# files at a folder's root that describe the dataset (a card, the held-out list that
+# `python -m ldm.data.prepare` writes): neither images nor captions, so not counted as skipped
+DATASET_FILES = ("README.md", "card.json", "heldout.txt")
 
 
 def _folder_items(cfg: SourceConfig) -> Opened:
@@ -463,7 +497,8 @@ def _folder_items(cfg: SourceConfig) -> Opened:
     if not root.is_dir():
         raise ConfigError(f"source.path {cfg.path!r} is not a directory")
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                   and p.relative_to(root).as_posix() not in DATASET_FILES)
     metadata = _read_metadata(root, files, cfg)
     ext = cfg.caption_ext.lower()
     sidecars = {_stem(f): f for f in files if f.lower().endswith(ext)}
@@ -472,8 +507,15 @@ def _folder_items(cfg: SourceConfig) -> Opened:
     image_stems = {_stem(f) for f in images}
     orphans = {f for stem, f in sidecars.items() if stem not in image_stems}
     fetch_image = functools.partial(_fetch_file, root, metadata, sidecars)
-    return _listed([_Item(f, _orphan if f in orphans else functools.partial(fetch_image, f))
+    return _listed([_Item(f, _orphan if f in orphans else functools.partial(fetch_image, f),
+                          "" if f in metadata or _image_name(f) else None)
                     for f in sorted(images | orphans)])
+
+
+def _image_name(rel_path: str) -> bool:
+    """A file that may be held out (ldm.data.split): an image by its extension. Others (a README, a
+    heldout.txt, a caption without image) are read with the training split and counted there."""
+    return PurePosixPath(rel_path).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
 
 
 def _stem(rel_path: str) -> str:
@@ -637,8 +679,11 @@ def _tar_groups(shard: str, cfg: SourceConfig) -> list[_Item]:
     except (tarfile.TarError, OSError):
         broken = True
     name = Path(shard).name
-    items = [_Item(f"{name}/{key}", functools.partial(_fetch_sample, shard, members, cfg)) for key, members in groups.items()]
-    return items + [_Item(f"{name}:<rest of the shard>", _unreadable)] if broken else items
+    # the split key is the sample's __key__ alone, so re-sharding the tars keeps the split
+    items = [_Item(f"{name}/{key}", functools.partial(_fetch_sample, shard, members, cfg),
+                   key if any(e in IMAGE_EXTENSIONS for e in members) else None)
+             for key, members in groups.items()]
+    return items + [_Item(f"{name}:<rest of the shard>", _unreadable, None)] if broken else items
 
 
 def _unreadable() -> tuple[Any, Any]:

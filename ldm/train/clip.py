@@ -14,7 +14,8 @@ Output (`<out_dir>/`):
                   joint space (`text_projection`, `logit_scale`); config.json: the open_clip
                   model config, image size and input range, and the resolved training config.
                   `load_clip_scorer(<out_dir>)` reads both for CLIP score / FID features.
-  eval.json       held-out retrieval of the exported model; metrics.jsonl, config.yaml,
+  eval.json       held-out retrieval of the exported model, and `split` (which images were
+                  held out, ldm.data.split); metrics.jsonl, config.yaml,
                   checkpoints/step-N/ (resume by re-running the same command)
 """
 
@@ -85,8 +86,9 @@ class ClipTrainConfig:
                 f"data.transform.resolution={resolution} px is not a multiple of model.patch_size={self.model.patch_size}")
         require(not self.data.transform.buckets, "data.transform.buckets: CLIP training takes square images only")
         require(self.retrieval_candidates >= 2, f"retrieval_candidates must be >= 2, got {self.retrieval_candidates}")
-        require(self.data.eval_size >= self.retrieval_candidates,
-                f"data.eval_size={self.data.eval_size} held-out images are fewer than "
+        count = self.data.eval_count  # None: chosen by fraction or list, checked once the images are read
+        require(count is None or count >= self.retrieval_candidates,
+                f"data.eval_size={count} held-out images are fewer than "
                 f"retrieval_candidates={self.retrieval_candidates}")
         require(self.pad_token in ("!", EOS_TOKEN), f"pad_token must be '!' or {EOS_TOKEN!r}, got {self.pad_token!r}")
         # A contrastive loss over accumulated micro-batches is not the loss over their union
@@ -128,6 +130,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     if accelerator.is_main_process:
         print(train_set.report.summary())
     require(len(train_set) >= loop.batch_size, f"only {len(train_set)} usable training images, fewer than one batch")
+    require(len(eval_set) >= cfg.retrieval_candidates,
+            f"only {len(eval_set)} usable held-out images, fewer than retrieval_candidates={cfg.retrieval_candidates}")
     tokenizer = build_tokenizer(pad_token=cfg.pad_token)
 
     # --- model, loss (gathers features across processes so every rank sees all negatives)
@@ -183,8 +187,9 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
         export_clip(clip, tokenizer, model_cfg, cfg, out_dir)
         scorer = load_clip_scorer(out_dir)
         results = evaluate_scorer(scorer, eval_set, cfg.retrieval_candidates)
-        (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
         log.write(step, **{f"final/{k}": v for k, v in results.items()})
+        results["split"] = eval_set.split  # which held-out images these figures come from
+        (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
         print("clip eval:", json.dumps(results))
     accelerator.wait_for_everyone()
     accelerator.end_training()

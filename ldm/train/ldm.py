@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from ldm.config import ConfigError, require, to_dict
 from ldm.data.cache import LatentCache, open_cache, text_identity
 from ldm.data.captions import CaptionConfig, process_caption
+from ldm.data.split import upstream_split_problem
 from ldm.data.images import image_grid
 from ldm.data.transforms import BucketBatchSampler
-from ldm.diffusion import (SCHEDULE_KEYS, TrainNoiseConfig, fill_schedule, make_train_scheduler, noised_inputs,
+from ldm.diffusion import (TrainNoiseConfig, fill_schedule, make_train_scheduler, noised_inputs, schedule_keys,
                            schedule_of, scheduler_config)
 from ldm.fast import FastConfig, apply_fast_paths
 from ldm.losses import diffusion_loss
@@ -40,7 +41,7 @@ from ldm.models.single_file import model_path_problem
 from ldm.models.text import encode_prompts
 from ldm.models.unet import FinetuneSource, UNetModelConfig, build_unet, downsampling, finetune_source
 from ldm.models.vae import load_vae, weights_hash
-from ldm.sampling import decode_latents, denoise, initial_noise, make_scheduler, seeded_generators
+from ldm.sampling import DEFAULT_SAMPLERS, decode_latents, denoise, initial_noise, make_scheduler, seeded_generators
 from ldm.train.common import (LoopConfig, lr_lambda, make_accelerator, make_optimizer,
                               register_schedule, resume, sample_generators, save_checkpoint, start_run, uniform)
 from ldm.train.vae import swapped_ema
@@ -54,7 +55,7 @@ class ValidationConfig:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3])  # one image per prompt and seed
     steps: int = 25                 # sampling steps
     guidance_scale: float = 4.0
-    scheduler: str = "dpm++2m"
+    scheduler: str = ""             # "": dpm++2m, or flow-dpm++2m with noise.objective=flow
     held_out_batches: int = 4       # batches of held-out latents for the validation loss (fixed noise and t)
 
 
@@ -83,7 +84,8 @@ class LDMTrainConfig:
     fast: FastConfig = dataclasses.field(default_factory=FastConfig)  # GPU fast paths (ldm/fast.py): channels_last, torch.compile, TF32
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     use_8bit_adam: bool = False        # bitsandbytes' AdamW8bit (optimizer state in 8 bits); needs bitsandbytes
-    sample_scheduler: str = "dpm++2m"  # the scheduler saved as the pipeline's default
+    sample_scheduler: str = ""         # the scheduler saved as the pipeline's default; "": dpm++2m, or flow-dpm++2m
+                                       # with noise.objective=flow (flow-euler/heun/lcm: not in StableDiffusionPipeline)
 
     def __post_init__(self) -> None:
         fill_unset(self)
@@ -123,6 +125,8 @@ def fill_unset(cfg: LDMTrainConfig) -> None:
     if cfg.text.clip_skip is None:
         cfg.text.clip_skip = source.clip_skip or 0
     fill_schedule(cfg.noise, schedule_of(source.scheduler, source.scheduler_file) if source.scheduler else None)
+    cfg.sample_scheduler = cfg.sample_scheduler or DEFAULT_SAMPLERS[cfg.noise.objective]
+    cfg.validation.scheduler = cfg.validation.scheduler or DEFAULT_SAMPLERS[cfg.noise.objective]
 
 
 def finetune_report(cfg: LDMTrainConfig) -> list[str]:
@@ -139,8 +143,9 @@ def finetune_report(cfg: LDMTrainConfig) -> list[str]:
         else:
             lines.append(f"  {what}: {used}, set in the config instead of model.pretrained's: the U-Net was trained with that one")
     theirs = schedule_of(source.scheduler, source.scheduler_file) if source.scheduler else {}
-    same = [f"{k}={getattr(cfg.noise, k)}" for k in SCHEDULE_KEYS if theirs.get(k) == getattr(cfg.noise, k)]
-    other = [f"{k}={getattr(cfg.noise, k)} (set in the config; {theirs[k]} there)" for k in SCHEDULE_KEYS
+    keys = ["objective", *schedule_keys(cfg.noise.objective)]
+    same = [f"{k}={getattr(cfg.noise, k)}" for k in keys if theirs.get(k) == getattr(cfg.noise, k)]
+    other = [f"{k}={getattr(cfg.noise, k)} (set in the config; {theirs[k]} there)" for k in keys
              if k in theirs and theirs[k] != getattr(cfg.noise, k)]
     lines.append(f"  noise schedule from {source.scheduler_file}: {', '.join(same) or 'nothing'}")
     lines += [f"  noise schedule: {o}" for o in other]
@@ -153,6 +158,16 @@ def _component_dir(path: str, name: str) -> Path:
     return root / name if (root / name).is_dir() else root
 
 
+def check_clip_split(text_encoder: str, manifest: dict) -> None:
+    """A CLIP trained by train_clip on the cache's source must have held out every image the cache
+    holds out: its text tower conditions this stage, and its scores judge what this stage makes."""
+    if text_encoder and Path(text_encoder).is_dir():
+        problem = upstream_split_problem(text_encoder, manifest.get("source"), manifest.get("split") or {},
+                                         "the latent cache")
+        if problem:
+            raise ConfigError(problem)
+
+
 def train_ldm(cfg: LDMTrainConfig) -> Path:
     out_dir = Path(cfg.out_dir)
     loop = cfg.train
@@ -162,6 +177,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     vae = load_vae(cfg.vae)
     cache = open_cache(cfg.cache, "train", expect={"vae_hash": weights_hash(vae)})
     held_out = open_cache(cfg.cache, "eval")
+    check_clip_split(cfg.text.encoder, held_out.manifest)
     latent_hw = most_common_size(cache)
 
     log = start_run(accelerator, cfg, out_dir, "ldm")
@@ -245,7 +261,8 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
         if cfg.lora.rank:
             save_lora(final, out_dir / "lora", name=out_dir.resolve().name)
             final = merge_lora(final)
-        export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline")
+        export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline",
+                        split=held_out.manifest.get("split"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir / "pipeline"
@@ -403,12 +420,16 @@ class Validator:
         return decode_latents(self.vae.to(device), latents).cpu()
 
 
-def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, latent_hw: tuple[int, int], path: Path) -> None:
+def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, latent_hw: tuple[int, int], path: Path,
+                    split: dict | None = None) -> None:
     """A StableDiffusionPipeline directory that diffusers loads as it is, plus `ldm.json`.
 
     The scheduler saved is `sample_scheduler` configured with the training schedule (prediction
-    type, betas, zero-terminal-SNR rescaling, timestep spacing), so `from_pretrained` samples
-    the model as it was trained; ldm.json keeps the rest of the recipe.
+    type, betas, zero-terminal-SNR rescaling, timestep spacing; flow: the shift), so `from_pretrained`
+    samples the model as it was trained; ldm.json keeps the rest of the recipe, the objective first,
+    and `split` (the cache's held-out set, ldm.data.split) says which images the held-out loss came from.
+    StableDiffusionPipeline itself runs the flow samplers on flow sigmas (flow-dpm++2m, flow-unipc), not
+    the FlowMatch* ones (flow-euler, flow-heun, flow-lcm), which lack init_noise_sigma and scale_model_input.
     """
     scheduler = make_scheduler(cfg.sample_scheduler, scheduler_config(cfg.noise))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -417,6 +438,7 @@ def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, lat
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     info = {
         "format": "ldm-pipeline", "version": 1,
+        "objective": cfg.noise.objective,                    # diffusion or flow: which samplers fit (ldm.sampling)
         "caption_dropout": cfg.caption_dropout,
         "noise": to_dict(cfg.noise),
         "clip_skip": cfg.text.clip_skip,
@@ -427,6 +449,7 @@ def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, lat
         "lora": to_dict(cfg.lora) if cfg.lora.rank else None,  # merged into unet/; the adapters alone in ../lora/
         "ema_decay": cfg.train.ema_decay,
         "validation": to_dict(cfg.validation),
+        "split": split,                                      # the held-out latents of val_loss (cache manifest)
         "train_config": to_dict(cfg),
     }
     (path / "ldm.json").write_text(json.dumps(info, indent=2))

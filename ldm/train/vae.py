@@ -255,6 +255,7 @@ def export_vae(vae, train_set: ImageStore, eval_set: ImageStore, out_dir: Path, 
     results = evaluate_vae(vae, eval_set, out_dir / "recon-final.png", cfg, features)
     results.update(held_out_latent_stats(vae, eval_set))
     results.update(scaling_factor=scale, shift_factor=shift, downsample_factor=downsample_factor(vae))
+    results["split"] = eval_set.split  # which held-out images these figures come from
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
     print("vae eval:", json.dumps(results))
 

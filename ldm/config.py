@@ -60,6 +60,10 @@ def from_dict(cls, data: dict, prefix: str = ""):
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    removed = [k for k in unknown if k in getattr(cls, "REMOVED_KEYS", {})]
+    if removed:  # a key older configs still carry: say why it went, not just that it is unknown
+        raise ConfigError("; ".join(f"{prefix}{k} was removed: {cls.REMOVED_KEYS[k]}; delete it from the config"
+                                    for k in removed))
     if unknown:
         names = ", ".join(prefix + k for k in unknown)
         raise ConfigError(f"unknown config key(s): {names} (known here: {', '.join(sorted(fields))})")

@@ -27,6 +27,18 @@ safetensors metadata, so `import_single_file` needs nothing else:
     "ldm.tokenizer"     {"pad_token", "model_max_length", "vocab_size"}
     "ldm.file.<name>"   the text of each `ldm*.json` file at the pipeline directory's root
 
+Other readers never see that metadata, so the schedule also travels the ways they read it:
+
+    "v_pred", "ztsnr"   empty tensors in the state dict of a v-prediction / zero-terminal-SNR
+                        model: ComfyUI's model detection looks for these keys (today for
+                        SDXL-shaped models only; it guesses SD-2's from the weights)
+    <name>.yaml         beside a v-prediction file: the original LatentDiffusion inference config
+                        with `parameterization: "v"` (as SD 2.x's v2-inference-v.yaml), which
+                        A1111 and Forge load instead of guessing the config from the weights
+
+(A1111 and Forge have no per-file zero-terminal-SNR switch: their "Zero Terminal SNR" noise
+schedule setting does it.) The importer reads both keys back, with or without our metadata.
+
 A file without that metadata (any SD-1.x/2.x checkpoint) imports too: the variant is read
 from its keys and shapes, and the published SD configs fill in what shapes cannot tell
 (`infer_configs`); the `configs` argument of `import_single_file` replaces any component's.
@@ -60,12 +72,13 @@ from diffusers.loaders.single_file_utils import (
     is_open_clip_model,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from safetensors import safe_open
+import yaml
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.models.presets import SD_SCHEDULER_CONFIG, unet_config, vae_config
 from ldm.models.text import EOS_TOKEN, build_tokenizer
+from ldm.safetensors_io import open_safetensors
 
 FORMAT_VERSION = "1"
 UNET_PREFIX = "model.diffusion_model."
@@ -75,6 +88,8 @@ OPEN_CLIP_PREFIX = "cond_stage_model.model."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LDM_FILES = "ldm*.json"  # files at a pipeline dir's root that travel with the weights
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler", "tokenizer")
+V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"  # schedule markers other readers look for (module docstring)
+COMPANION_MARK = "# written by ldm.export beside its checkpoint: the web UIs' config for it\n"
 
 # SD-2.x pads prompts with "!" (id 0), as open_clip.tokenize pads with zeros; SD-1.x with EOS.
 _PAD_TOKEN = {"sd1": EOS_TOKEN, "sd2": "!"}
@@ -236,6 +251,85 @@ def text_encoder_to_original(state_dict: Mapping[str, torch.Tensor], config: CLI
     return _clip_to_original(state_dict)
 
 
+# --------------------------------------------------------------------------- what other readers read
+
+
+def schedule_markers(scheduler_config: Mapping) -> dict[str, torch.Tensor]:
+    """The empty tensors that tell ComfyUI a model is v-prediction and zero-terminal-SNR."""
+    markers = {}
+    if scheduler_config.get("prediction_type") == "v_prediction":
+        markers[V_PRED_KEY] = torch.tensor([])
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        markers[ZTSNR_KEY] = torch.tensor([])
+    return markers
+
+
+# diffusers beta_schedule -> the original LatentDiffusion's (its "linear" is diffusers' scaled_linear)
+_LDM_BETA_SCHEDULE = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}
+
+
+def original_inference_config(pipe: StableDiffusionPipeline) -> dict:
+    """The CompVis/Stability inference YAML (v1-inference.yaml, v2-inference-v.yaml) of this
+    pipeline, written from its configs: what A1111 and Forge build the model from."""
+    unet, vae, sched = pipe.unet.config, pipe.vae.config, pipe.scheduler.config
+    widths = list(unet.block_out_channels)
+    heads = unet.attention_head_dim  # an int is SD-1's head count; a list, SD-2's heads per level
+    head_keys = ({"num_heads": heads} if isinstance(heads, int)
+                 else {"num_heads": -1, "num_head_channels": widths[0] // heads[0]})
+    sample_size = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
+    params = {
+        **({"parameterization": "v"} if sched.get("prediction_type") == "v_prediction" else {}),
+        "linear_start": sched.beta_start, "linear_end": sched.beta_end,
+        "timesteps": sched.num_train_timesteps,
+        "beta_schedule": _LDM_BETA_SCHEDULE.get(sched.beta_schedule, sched.beta_schedule),
+        "num_timesteps_cond": 1, "log_every_t": 200, "first_stage_key": "jpg", "cond_stage_key": "txt",
+        "image_size": sample_size, "channels": vae.latent_channels, "cond_stage_trainable": False,
+        "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema",
+        "scale_factor": vae.scaling_factor, "use_ema": False,
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+            "use_checkpoint": False, "image_size": sample_size, "in_channels": unet.in_channels,
+            "out_channels": unet.out_channels, "model_channels": widths[0],
+            "attention_resolutions": [2**i for i, kind in enumerate(unet.down_block_types) if "CrossAttn" in kind],
+            "num_res_blocks": unet.layers_per_block, "channel_mult": [w // widths[0] for w in widths], **head_keys,
+            "use_spatial_transformer": True, "use_linear_in_transformer": bool(unet.use_linear_projection),
+            "transformer_depth": unet.transformer_layers_per_block, "context_dim": unet.cross_attention_dim,
+            "legacy": False}},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+            "embed_dim": vae.latent_channels, "monitor": "val/rec_loss",
+            "ddconfig": {"double_z": True, "z_channels": vae.latent_channels, "resolution": vae.sample_size,
+                         "in_channels": vae.in_channels, "out_ch": vae.out_channels,
+                         "ch": vae.block_out_channels[0],
+                         "ch_mult": [w // vae.block_out_channels[0] for w in vae.block_out_channels],
+                         "num_res_blocks": vae.layers_per_block, "attn_resolutions": [], "dropout": 0.0},
+            "lossconfig": {"target": "torch.nn.Identity"}}},
+        "cond_stage_config": ({"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                               "params": {"freeze": True, "layer": "penultimate"}}
+                              if _is_open_clip_shaped(pipe.text_encoder.config)
+                              else {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}),
+    }
+    return {"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                      "params": params}}
+
+
+def companion_yaml_path(checkpoint: Path) -> Path:
+    return checkpoint.with_suffix(".yaml")
+
+
+def write_companion_yaml(pipe: StableDiffusionPipeline, checkpoint: Path) -> Path | None:
+    """`<name>.yaml` beside a v-prediction checkpoint (A1111/Forge read it: module docstring); for
+    any other model, remove one an earlier export of ours left, which would make it sample as v."""
+    path = companion_yaml_path(checkpoint)
+    if pipe.scheduler.config.get("prediction_type") != "v_prediction":
+        if path.is_file() and path.read_text().startswith(COMPANION_MARK):
+            path.unlink()
+        return None
+    partial = path.with_name(path.name + ".partial")
+    config = json.loads(json.dumps(original_inference_config(pipe)))  # tuples -> lists, as YAML writes them
+    partial.write_text(COMPANION_MARK + yaml.safe_dump(config, sort_keys=False))
+    os.replace(partial, path)
+    return path
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -272,7 +366,8 @@ def export_single_file(pipeline_dir: str | os.PathLike, out_path: str | os.PathL
 
     `dtype` (e.g. torch.float16) casts the floating-point weights, for a smaller file.
     The file is written beside `out_path` and renamed into place, so a reader never sees half
-    of it.
+    of it. A v-prediction or zero-terminal-SNR model also gets the keys and the companion
+    `<name>.yaml` that other UIs read its schedule from (module docstring).
     """
     pipeline_dir, out_path = Path(pipeline_dir), Path(out_path)
     if out_path.suffix != ".safetensors":
@@ -291,11 +386,13 @@ def export_single_file(pipeline_dir: str | os.PathLike, out_path: str | os.PathL
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    tensors |= schedule_markers(pipe.scheduler.config)  # after the cast: markers are no weights
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(out_path.name + ".partial")
     save_file(tensors, partial, metadata=_metadata(pipe, pipeline_dir))
     os.replace(partial, out_path)
+    write_companion_yaml(pipe, out_path)
     return out_path
 
 
@@ -314,7 +411,7 @@ def load_checkpoint(path: str | os.PathLike, allow_pickle: bool = False
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     if path.suffix not in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors "
@@ -395,13 +492,15 @@ def infer_configs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict]:
     """
     variant = detect_variant(state_dict)
     text = infer_text_encoder_config(state_dict)
-    prediction = "v_prediction" if variant == "sd2" else "epsilon"
+    # the markers others write (module docstring) say what shapes cannot
+    prediction = "v_prediction" if variant == "sd2" or V_PRED_KEY in state_dict else "epsilon"
+    zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if ZTSNR_KEY in state_dict else {}
     return {
         "unet": unet_config("sd2" if variant == "sd2" else "sd15"),
         "vae": vae_config("kl-f8"),
         "text_encoder": text,
         "scheduler": {"_class_name": "DDIMScheduler", **SD_SCHEDULER_CONFIG,
-                      "prediction_type": prediction, "set_alpha_to_one": False},
+                      "prediction_type": prediction, "set_alpha_to_one": False, **zero_snr},
         "tokenizer": {"pad_token": _PAD_TOKEN[variant], "model_max_length": text["max_position_embeddings"],
                       "vocab_size": text["vocab_size"]},
     }
@@ -485,6 +584,19 @@ def _ldm_files_in(metadata: Mapping[str, str]) -> dict[str, str]:
                 raise ValueError(f"metadata names a file {name!r}; expected a bare {LDM_FILES} name")
             files[name] = text
     return files
+
+
+def single_file_configs(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """(component configs, `ldm*.json` files) of a .safetensors checkpoint, as `import_single_file`
+    resolves them, read from its header alone: names, shapes and metadata, no weights. The
+    scheduler's config is the one its import saves (with the scheduler class's defaults)."""
+    with open_safetensors(path) as f:
+        metadata = dict(f.metadata() or {})
+        skeleton = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    configs = _embedded_configs(metadata) if "ldm.format" in metadata else infer_configs(skeleton)
+    scheduler = _build_scheduler(configs["scheduler"])
+    configs["scheduler"] = {"_class_name": type(scheduler).__name__, **scheduler.config}
+    return configs, _ldm_files_in(metadata)
 
 
 def import_single_file(path: str | os.PathLike, out_dir: str | os.PathLike | None = None,

@@ -36,6 +36,7 @@ from ldm.diffusion import objective_of
 from ldm.fast import FastConfig, apply_to_pipeline
 from ldm.models.text import encode_prompts
 from ldm.models.vae import downsample_factor
+from ldm.safetensors_io import open_safetensors
 from ldm.sampling import (DEFAULT_SAMPLERS, SCHEDULERS, Inpainting, decode_latents, denoise, encode_images,
                           initial_noise, make_scheduler, scheduler_name_of, seed_sde_noise, seeded_generators)
 
@@ -68,9 +69,17 @@ class Pipeline:
         return downsample_factor(self.vae)
 
     @property
+    def native_height_width(self) -> tuple[int, int]:
+        """(height, width) in pixels the UNet was built for: 512 for SD-1.x and SD-2 base, 768 for
+        SD-2.1-v. Bucketed training stores a non-square sample_size as a list [h, w]."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_factor, w * self.vae_factor
+
+    @property
     def native_size(self) -> int:
-        """The size the UNet was built for: 512 for SD-1.x and SD-2 base, 768 for SD-2.1-v."""
-        return self.unet.config.sample_size * self.vae_factor
+        """The longer side of `native_height_width`, for callers that need one number."""
+        return max(self.native_height_width)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -105,9 +114,7 @@ def _ldm_record(path: Path) -> dict:
         record = path / "ldm.json"
         return json.loads(record.read_text()) if record.is_file() else {}
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             return json.loads((f.metadata() or {}).get("ldm.file.ldm.json", "{}"))
     return {}
 
@@ -135,6 +142,9 @@ def fuse_loras(sd, loras: Sequence[tuple[str | Path, float]]) -> None:
         if not where.exists():
             raise FileNotFoundError(f"no LoRA file or directory at {where}")
         name = f"lora{i}"
+        if where.suffix == ".safetensors":
+            with open_safetensors(where):  # a corrupt file fails here, naming it, not deep in diffusers
+                pass
         folder, weight_name = (where, None) if where.is_dir() else (where.parent, where.name)
         sd.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
         sd.fuse_lora(lora_scale=strength, adapter_names=[name])
@@ -250,7 +260,8 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     images = _image_inputs(pipe, init_image, mask_image, width, height) if init_image is not None else None
     if images is not None:
         height, width = images.image.shape[2:]
-    width, height = width or pipe.native_size, height or pipe.native_size
+    native_height, native_width = pipe.native_height_width
+    width, height = width or native_width, height or native_height
     mode = "txt2img" if images is None else "img2img" if images.mask is None else "inpaint"
     strength = strength if strength is not None else 0.8 if mode == "img2img" else 1.0
     _check_request(pipe, prompts, negative_prompts, seeds, width, height, strength, images)

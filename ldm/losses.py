@@ -114,7 +114,7 @@ def load_lpips(vgg_path: str | Path) -> nn.Module:
         import lpips
     except ImportError as err:
         raise ImportError("the perceptual loss needs lpips: pip install lpips, or set loss.perceptual_weight=0") from err
-    from safetensors.torch import load_file
+    from ldm.safetensors_io import load_safetensors
 
     vgg_path = Path(vgg_path)
     if not vgg_path.is_file():
@@ -122,7 +122,7 @@ def load_lpips(vgg_path: str | Path) -> nn.Module:
             f"LPIPS needs torchvision's VGG16 weights at {vgg_path} (vgg16-397923af.pth); "
             "set loss.lpips_vgg_path, or loss.perceptual_weight=0 to train without it"
         )
-    state = load_file(vgg_path) if vgg_path.suffix == ".safetensors" else torch.load(vgg_path, map_location="cpu", weights_only=True)
+    state = load_safetensors(vgg_path) if vgg_path.suffix == ".safetensors" else torch.load(vgg_path, map_location="cpu", weights_only=True)
     missing = [key for key in _vgg16_conv_keys() if key not in state]
     if missing:
         raise ValueError(f"{vgg_path} is not a torchvision vgg16 state dict: it lacks {missing[:4]}"

@@ -30,7 +30,7 @@ CPU = ["train.steps=1", "train.batch_size=1", "train.warmup_steps=0", "train.mix
        "train.eval_every=0", "train.save_every=0"]
 OVERRIDES = {
     "clip": ["data.source.size=8", "data.eval_size=4", *CPU, "train.batch_size=4", "retrieval_candidates=4"],
-    "vae": [*DATA, *CPU, "train.num_workers=0"],
+    "vae": [*DATA, *CPU],
     "encode": [*DATA, "batch_size=2"],
     "ldm": [*CPU, "validation.steps=2", "validation.seeds=[0]", f"validation.prompts=[{PROMPT}]",
             "validation.held_out_batches=1"],

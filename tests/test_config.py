@@ -54,6 +54,9 @@ def test_overrides_are_typed(tmp_path):
     (["data.transform.resolution=65"], "not divisible by the VAE's downsampling factor"),
     (["loss.perceptual_weight=1.0"], "loss.perceptual_weight=0"),
     (["data.transform.flip=true"], "flip"),
+    (["train.num_workers=4"], "train.num_workers was removed: no DataLoader reads it"),
+    (["data.captions.prefix=sks"], "data.captions: the VAE trains on images alone"),
+    (["train.log_every=0"], "train.log_every must be >= 1"),
 ])
 def test_bad_vae_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -68,6 +71,11 @@ def test_impossible_ldm_combinations(tmp_path):
         load_config(LDMTrainConfig, None, base + ["caption_dropout=1.5"])
     with pytest.raises(ConfigError, match="no latent cache directory"):
         load_config(LDMTrainConfig, None, [f"cache={tmp_path / 'nope'}", f"vae={tmp_path}"])
+
+
+def test_the_encode_stage_refuses_caption_settings_it_would_ignore(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.captions: the cache keeps captions as they are"):
+        load_config(EncodeConfig, None, ["data.captions.shuffle_tags=true"])
 
 
 def test_missing_config_file_is_an_error(tmp_path):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 from safetensors import safe_open
@@ -193,6 +194,38 @@ def test_file_without_metadata_imports_with_config_hints(tiny, layout, tmp_path)
     back = import_single_file(stripped, configs=_tiny_configs(layout))
     _assert_same_weights(_load(pipeline_dir), back)
     assert back.tokenizer.pad_token == LAYOUTS[layout][1]
+
+
+def test_v_prediction_and_zero_snr_travel_as_the_web_uis_read_them(tiny, tmp_path):
+    """ComfyUI reads the `v_pred` and `ztsnr` keys; A1111 and Forge read `<name>.yaml` beside the file."""
+    pipeline_dir, _ = tiny("clip")  # SD-1 shaped: nothing but the keys says v-prediction
+    vpred = tmp_path / "vpred"
+    pipe = _load(pipeline_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction",
+                                               rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    pipe.save_pretrained(vpred)
+    exported = export_single_file(vpred, tmp_path / "model.safetensors", dtype=torch.float16)
+
+    with safe_open(exported, framework="pt") as f:
+        assert {"v_pred", "ztsnr"} <= set(f.keys()) and f.get_tensor("v_pred").numel() == 0
+    config = yaml.safe_load((tmp_path / "model.yaml").read_text())["model"]["params"]
+    assert config["parameterization"] == "v" and config["scale_factor"] == pytest.approx(pipe.vae.config.scaling_factor)
+    unet = config["unet_config"]["params"]
+    assert (unet["model_channels"], unet["channel_mult"], unet["context_dim"]) == (32, [1, 2], 64)
+    assert config["cond_stage_config"]["target"].endswith("FrozenCLIPEmbedder")
+
+    # read back: our own import, and a foreign file with only the keys to go by
+    back = import_single_file(exported)
+    assert back.scheduler.config.prediction_type == "v_prediction" and back.scheduler.config.rescale_betas_zero_snr
+    foreign = import_single_file(_as_foreign(exported, tmp_path / "foreign.safetensors", "clip"),
+                                 configs={k: v for k, v in _tiny_configs("clip").items() if k != "scheduler"})
+    assert foreign.scheduler.config.prediction_type == "v_prediction" and foreign.scheduler.config.rescale_betas_zero_snr
+
+    # an epsilon model exported over it takes the stale yaml away, and carries no markers
+    export_single_file(pipeline_dir, tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.yaml").exists()
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        assert not {"v_pred", "ztsnr"} & set(f.keys())
 
 
 def test_a_wrong_config_hint_names_the_component(tiny, tmp_path):

@@ -24,7 +24,7 @@ from ldm.models.presets import unet_config, vae_config
 from ldm.models.text import TEXT_PRESETS, build_tokenizer
 from ldm.sampling import denoise, initial_noise, make_scheduler, seeded_generators
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning", "ignore:Dynamo detected a call")
+pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call")
 
 NO_COMPILE = dict(compile=False)
 

@@ -31,8 +31,6 @@ FLOW = scheduler_config(NoiseConfig(objective="flow", shift=2.0))
 EPSILON = scheduler_config(NoiseConfig())
 PROMPTS = ["a red circle", "a blue square"]
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
-
 
 def _flow_cfg(**kwargs) -> NoiseConfig:
     cfg = NoiseConfig(objective="flow", **kwargs)

@@ -23,8 +23,6 @@ from ldm.models.presets import unet_config, vae_config
 from ldm.models.text import TEXT_PRESETS, build_tokenizer
 from ldm.sampling import SCHEDULERS, decode_latents, encode_images, make_scheduler, seed_sde_noise, seeded_generators
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")  # see tests/test_sampling.py
-
 PROMPTS = ["a red circle on the left", "a small blue square"]
 NEGATIVES = ["", "green"]
 SEEDS = [3, 7]
@@ -138,6 +136,15 @@ def test_same_seed_same_image_whatever_the_batch(pipe):
     assert np.array_equal(batch, again)
     assert np.abs(batch[1] - alone[0]).max() <= 1e-5  # its own generator: batch-mates change nothing
     assert np.abs(alone - other).mean() > 1e-3
+
+
+def test_default_size_follows_a_non_square_sample_size(pipeline_dir):
+    """Bucketed training stores sample_size as [h, w]: generate() without a size makes h x w images."""
+    wide = load_pipeline(pipeline_dir)
+    wide.unet.register_to_config(sample_size=[4, 8])  # latents 4 high, 8 wide: 16 x 32 px through the f4 VAE
+    result = generate(wide, PROMPTS[:1], seeds=[0], scheduler="ddim", steps=2, guidance_scale=1.0)[0]
+    assert result["image"].size == (32, 16) and (result["width"], result["height"]) == (32, 16)
+    assert wide.native_height_width == (16, 32) and wide.native_size == 32
 
 
 # --------------------------------------------------------------------------- img2img and inpainting

@@ -30,7 +30,8 @@ from ldm.config import load_config
 from ldm.data.cache import CacheMismatchError
 from ldm.infer import load_pipeline
 from ldm.models.presets import vae_config
-from ldm.train.common import NonFiniteLossError, list_checkpoints, lr_lambda, resolve_resume
+from ldm.losses import VAELoss
+from ldm.train.common import NonFiniteGuard, NonFiniteLossError, list_checkpoints, lr_lambda, resolve_resume
 from ldm.train.ldm import LDMTrainConfig, train_ldm
 from ldm.train.vae import VAETrainConfig, train_vae
 
@@ -123,6 +124,9 @@ def test_the_lr_schedule_counts_optimiser_steps_not_micro_batches(vae_reference)
     lines = [json.loads(line) for line in (vae_reference / "metrics.jsonl").read_text().splitlines()]
     rates = [line["lr"] for line in lines if "rec" in line]
     assert rates == pytest.approx([cfg.train.lr * lr_lambda(cfg.train)(step) for step in range(1, 9)])
+    # the discriminator's: the same warm-up and decay, counted from its first step (disc_start=3)
+    disc_rates = [line["disc_lr"] / cfg.train.lr for line in lines if "rec" in line]
+    assert disc_rates == pytest.approx([0, 0, 0.5, 1.0, 1.0, 0.75, 0.25, 0])
 
 
 # ----------------------------------------------------------------------------- a kill or a full disk while saving
@@ -220,6 +224,33 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(latents, tmp_path, monke
     train_ldm(cfg)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(line["step"], line["skipped"]) for line in lines if "skipped" in line][4:] == [(s, 2) for s in range(5, 9)]
+
+
+# every step is skipped, so the LR schedule steps before its optimiser ever has: torch says so, as it should
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_a_nan_generator_stops_the_vae_run_while_its_discriminator_is_finite(tmp_path, monkeypatch):
+    """The generator's and the discriminator's losses count their own runs of non-finite values;
+    the checkpoint keeps both, and one written before the runs had names still resumes."""
+    real_loss = VAELoss.generator_loss
+
+    def nan_generator(self, *args, **kwargs):
+        loss, logs = real_loss(self, *args, **kwargs)
+        return loss * float("nan"), logs
+
+    monkeypatch.setattr(VAELoss, "generator_loss", nan_generator)
+    run = tmp_path / "run"
+    cfg = vae_cfg(run, "loss.disc_start=0", "train.grad_accum=1", "train.max_nonfinite_steps=3")
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row \(limit train.max_nonfinite_steps=3\)"):
+        train_vae(cfg)
+    last = list_checkpoints(run)[-1]
+    assert last.name == "step-2"
+    assert json.loads((last / "ldm_state.json").read_text())["nonfinite"] == {"in_a_row": {"": 2, "discriminator": 0},
+                                                                             "total": 2}
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):  # resumed: counts on
+        train_vae(cfg)
+    old = NonFiniteGuard.from_state(3, {"nonfinite": {"in_a_row": 2, "total": 5}})  # a checkpoint of before
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        old.ok(torch.tensor(float("nan")))
 
 
 # ----------------------------------------------------------------------------- configs

@@ -28,10 +28,6 @@ CASES = [(name, schedule) for schedule in SCHEDULES for name in SCHEDULERS
          and (schedule != "v_zero_snr_trailing" or name in ZERO_SNR_CAPABLE)]
 LATENT = (2, 4, 4, 4)  # two 16 px images through the f4 VAE
 
-# diffusers' k-diffusion schedulers call numpy on tensors, which warns on every call under numpy 2;
-# recording thousands of warnings costs seconds per test.
-pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
-
 
 @pytest.fixture(scope="module")
 def models():

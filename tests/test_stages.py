@@ -112,7 +112,7 @@ def test_the_gpu_configs_chain_at_cpu_size(tmp_path):
     overrides = {
         "clip": [*data, "train.steps=2", "train.batch_size=8", "train.warmup_steps=0", "train.mixed_precision=no",
                  "retrieval_candidates=4"],
-        "vae": [*data, *small, "crop_size=0", "train.num_workers=0", "train.eval_every=0", "train.save_every=0",
+        "vae": [*data, *small, "crop_size=0", "train.eval_every=0", "train.save_every=0",
                 "loss.disc_start=1"],
         "encode": [*data, "batch_size=4"],
         "ldm": [*small, "train.eval_every=0", "train.save_every=0", "validation.steps=2", "validation.seeds=[0]"],

@@ -27,6 +27,7 @@ from ldm.infer import load_pipeline
 from ldm.infer import main as infer_main
 from ldm.models.conditioning import load_text
 from ldm.models.presets import unet_config, vae_config
+from ldm.models.single_file import model_dir
 from ldm.models.text import TEXT_PRESETS, build_tokenizer, encode_prompts
 from ldm.models.unet import UNetModelConfig, build_unet
 from ldm.train.common import lr_lambda, sample_generators
@@ -246,6 +247,20 @@ def test_finetune_from_a_single_file_checkpoint(sd_dir, tmp_path, monkeypatch, c
     assert StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True).tokenizer.pad_token == "!"
 
 
+def test_dry_run_reads_a_single_file_header_without_importing_it(sd_dir, cache_dir, tmp_path, monkeypatch, capsys):
+    """Loading the config (what --dry-run does) takes the file's schedule and CLIP layer from its
+    header: the same values its import gives, and no import."""
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path / "imports"))
+    file = export_single_file(sd_dir, tmp_path / "sd.safetensors")
+    train_ldm_main(["--dry-run", f"out_dir={tmp_path / 'run'}", f"cache={cache_dir}", f"model.pretrained={file}"])
+    assert "prediction_type: v_prediction" in capsys.readouterr().out
+    assert not (tmp_path / "imports").exists() and not (tmp_path / "run").exists()
+
+    from_header = ldm_cfg(tmp_path / "run", cache_dir, f"model.pretrained={file}")
+    imported = ldm_cfg(tmp_path / "run", cache_dir, f"model.pretrained={model_dir(file)}")
+    assert from_header.noise == imported.noise and from_header.text.clip_skip == imported.text.clip_skip
+
+
 @pytest.fixture(scope="module")
 def sd_cache(sd_dir, tmp_path_factory) -> Path:
     return encode(sd_dir, tmp_path_factory.mktemp("sd_cache") / "latents", "data.source.size=8", "data.eval_size=0")
@@ -324,6 +339,29 @@ def test_lora_resumed_from_a_checkpoint_ends_as_the_run_that_never_stopped(sd_di
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     ours, theirs = (load_file(run / "lora" / "pytorch_lora_weights.safetensors") for run in (tmp_path / "cut", tmp_path / "whole"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_training_steps_run_in_train_mode_before_and_after_validation(sd_dir, sd_cache, tmp_path, monkeypatch):
+    """from_pretrained gives an eval-mode U-Net; its LoRA dropout must still be on at every training
+    step, the ones after a validation too, and off while validating."""
+    modes = []  # (grad enabled, every module in train mode, none in train mode) per U-Net call
+
+    def record(module, args):
+        flags = [m.training for m in module.modules()]
+        modes.append((torch.is_grad_enabled(), all(flags), not any(flags)))
+
+    def build_recorded(*args, **kwargs):
+        unet = build_unet(*args, **kwargs)
+        unet.register_forward_pre_hook(record)
+        return unet
+
+    monkeypatch.setattr(stage3, "build_unet", build_recorded)
+    train_ldm(ldm_cfg(tmp_path / "run", sd_cache, f"model.pretrained={sd_dir}", "lora.rank=4", "lora.dropout=0.5",
+                      "train.eval_every=1", "train.ema_decay=0"))
+    training = [all_train for grad, all_train, _ in modes if grad]
+    validating = [all_eval for grad, _, all_eval in modes if not grad]
+    assert len(training) == 3 and all(training), modes
+    assert validating and all(validating), modes
 
 
 def test_finetune_refuses_architecture_keys_and_unfit_parts(sd_dir, cache_dir, tmp_path):

@@ -14,6 +14,7 @@ import types
 import pytest
 import torch
 import torch.nn as nn
+from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
@@ -23,7 +24,7 @@ from ldm.config import ConfigError, load_config
 from ldm.data.images import load_images
 from ldm.models.presets import vae_config
 from ldm.models.vae import measure_latent_scale
-from ldm.train.common import load_object_state
+from ldm.train.common import load_object_state, make_accelerator
 from ldm.train.vae import VAETrainConfig, train_vae
 
 BASE = ["data.source.kind=shapes", "data.source.size=32", "data.source.resolution=16", "data.transform.resolution=16",
@@ -180,6 +181,28 @@ def test_rerunning_the_command_resumes_from_the_last_checkpoint(run, tmp_path):
     assert adam_steps(out / "checkpoints" / "step-4" / "optimizer.bin") == 4
 
 
+def test_only_the_main_process_evaluates_and_writes(tmp_path, monkeypatch):
+    """On every other rank the loop trains, and neither evaluates nor writes grids or eval.json."""
+
+    class OtherRank(Accelerator):
+        @property
+        def is_main_process(self) -> bool:
+            return False
+
+    def other_rank(*args, **kwargs):
+        accelerator = make_accelerator(*args, **kwargs)
+        accelerator.__class__ = OtherRank
+        return accelerator
+
+    evaluated = []
+    monkeypatch.setattr(train_vae_module, "make_accelerator", other_rank)
+    monkeypatch.setattr(train_vae_module, "evaluate_vae", lambda *args, **kwargs: evaluated.append(1) or {})
+    out = tmp_path / "run"
+    out.mkdir()  # the main process makes it
+    train_vae(vae_cfg(out, "train.steps=2", "train.eval_every=1"))
+    assert not evaluated and not list(out.glob("recon-*.png")) and not (out / "eval.json").exists()
+
+
 # ----------------------------------------------------------------------------- fine-tuning, scale, config
 
 
@@ -191,10 +214,19 @@ def test_finetunes_a_kl_f8_layout_vae_from_a_diffusers_directory(tmp_path):
                   "data.source.resolution=32", "data.transform.resolution=32")
     tuned = AutoencoderKL.from_pretrained(train_vae(cfg))
     assert tuned.config.layers_per_block == 2 and list(tuned.config.block_out_channels) == [8, 16, 16, 16]
-    assert tuned.config.scaling_factor != pytest.approx(0.18215)  # measured, not the SD value it came with
+    assert tuned.config.scaling_factor == source.config.scaling_factor  # the U-Nets of that VAE still fit it
     before = dict(source.named_parameters())
     assert any(not torch.equal(p.data, before[name].data) for name, p in tuned.named_parameters())
     assert {"psnr", "ssim", "latent_std"} <= set(json.loads((tmp_path / "ft" / "eval.json").read_text()))
+
+    # decoder only (as sd-vae-ft-mse was made): latents stay what they were; the scale is measured when asked
+    cfg = vae_cfg(tmp_path / "dec", f"model.pretrained={tmp_path / 'sd-vae'}", "train.steps=2",
+                  "data.source.resolution=32", "data.transform.resolution=32", "model.train_decoder_only=true",
+                  "model.remeasure_scale=true")
+    tuned = AutoencoderKL.from_pretrained(train_vae(cfg))
+    assert tuned.config.scaling_factor != pytest.approx(source.config.scaling_factor)
+    changed = {name.split(".")[0] for name, p in tuned.named_parameters() if not torch.equal(p.data, before[name].data)}
+    assert "decoder" in changed and not changed & {"encoder", "quant_conv"}, changed
 
 
 @pytest.mark.parametrize("use_shift", [False, True])
@@ -215,5 +247,7 @@ def test_config_errors_name_the_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights in the hub cache
     with pytest.raises(ConfigError, match="fid_weights"):
         vae_cfg(tmp_path, "fid=true")
+    with pytest.raises(ConfigError, match="model.train_decoder_only is for fine-tuning"):
+        vae_cfg(tmp_path, "model.train_decoder_only=true")
     with pytest.raises(ConfigError, match="model.norm_num_groups=8 must divide"):
         vae_cfg(tmp_path, "model.block_out_channels=[12, 16]", "model.norm_num_groups=8")

@@ -56,14 +56,15 @@ from typing import Iterator
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors import safe_open
 from safetensors.torch import save
 
 from ldm.config import ConfigError, require
+from ldm.data.captions import CaptionConfig
 from ldm.data.images import DataConfig, iter_prepared, plan_split
 from ldm.data.sources import DataReport, SourceConfig
 from ldm.data.split import HeldOut, upstream_split_problem
 from ldm.models.conditioning import TextEncoderConfig
+from ldm.safetensors_io import open_safetensors, unreadable_safetensors
 
 FORMAT = "ldm-latent-cache"
 VERSION = 3  # 2: source fingerprint, encode precision, optional text.safetensors; 3: held out by key hash, `split`
@@ -85,6 +86,9 @@ class EncodeConfig:
     overwrite: bool = False          # true: delete a cache made with other settings; false: refuse
 
     def validate(self) -> None:
+        require(self.data.captions == CaptionConfig(),
+                "data.captions: the cache keeps captions as they are; shuffle tags or add a prefix in stage 3, "
+                "whose captions.* settings apply them as it trains")
         require(self.shard_size > 0, "shard_size must be > 0")
         require(self.batch_size > 0, "batch_size must be > 0")
         require(self.dtype == "auto" or self.dtype in DTYPES, f"dtype {self.dtype!r} is not auto|{'|'.join(DTYPES)}")
@@ -438,13 +442,13 @@ def _cache_text(cfg: TextEncoderConfig, out_dir: Path, splits: dict, batch_size:
 def _text_file_header(path: Path) -> tuple[list[str], dict] | None:
     if not path.exists():
         return None
-    with safe_open(str(path), "pt") as f:
+    with open_safetensors(path) as f:
         meta = f.metadata()
     return json.loads(meta["captions"]), json.loads(meta["identity"])
 
 
 def _records(path: Path) -> list[dict]:
-    with safe_open(str(path), "pt") as f:
+    with open_safetensors(path) as f:
         return json.loads(f.metadata()["records"])
 
 
@@ -535,7 +539,7 @@ class LatentCache:
         if "text" not in self.manifest:
             return None
         if self._text is None:
-            handle = safe_open(str(self.cache_dir / self.manifest["text"]["file"]), "pt")
+            handle = open_safetensors(self.cache_dir / self.manifest["text"]["file"])
             self._text = handle, {c: i for i, c in enumerate(json.loads(handle.metadata()["captions"]))}
         handle, row_of = self._text
         if any(c not in row_of for c in captions):
@@ -552,10 +556,15 @@ def map_safetensors(path: str | Path) -> tuple[dict[str, str], dict[str, np.ndar
 
     Nothing is read until an array is indexed; `_as_tensor(array[rows])` copies just those rows.
     """
-    with open(path, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= os.fstat(fh.fileno()).st_size - 8:
+                raise ValueError(f"a header of {size} bytes does not fit the file")
+            header = json.loads(fh.read(size))
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except ValueError as err:  # a header that is no JSON, an empty file
+        raise unreadable_safetensors(path, err) from err
     if hasattr(mmap, "MADV_WILLNEED"):  # Linux, macOS: the OS reads the file ahead in the background
         mapped.madvise(mmap.MADV_WILLNEED)
     metadata = header.pop("__metadata__", {})
@@ -565,7 +574,10 @@ def map_safetensors(path: str | Path) -> tuple[dict[str, str], dict[str, np.ndar
         if info["dtype"] not in _NUMPY:
             raise ValueError(f"{path}: tensor {name!r} is {info['dtype']}; a cache shard holds {', '.join(_NUMPY)}")
         dtype = np.dtype(_NUMPY[info["dtype"]])
-        array = np.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + size + start)
+        try:
+            array = np.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + size + start)
+        except ValueError as err:  # the file ends before the data the header lists
+            raise unreadable_safetensors(path, err) from err
         arrays[name] = array.reshape(info["shape"])
     return metadata, arrays
 

@@ -27,10 +27,10 @@ from typing import Literal
 import open_clip
 import torch
 from open_clip.tokenizer import bytes_to_unicode
-from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.models import single_file
+from ldm.safetensors_io import load_safetensors
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -317,7 +317,7 @@ def openclip_to_clip_text_model(source: torch.nn.Module | Mapping[str, torch.Ten
 def _load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     """Weights from .safetensors, or a pickled .bin/.pt/.ckpt with weights_only=True."""
     if path.suffix == ".safetensors":
-        return load_file(path)
+        return load_safetensors(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, Mapping) else state
     if not isinstance(state, Mapping):

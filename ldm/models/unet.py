@@ -17,7 +17,7 @@ from diffusers import UNet2DConditionModel
 
 from ldm.config import require
 from ldm.models.presets import UNET_PRESETS, unet_config
-from ldm.models.single_file import model_dir, model_path_problem
+from ldm.models.single_file import is_single_file, model_dir, model_path_problem
 
 ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "attention_head_dim", "down_block_types",
                      "up_block_types", "transformer_layers_per_block", "norm_num_groups")
@@ -112,7 +112,9 @@ class FinetuneSource:
 
 def finetune_source(path: str | Path) -> FinetuneSource:
     """What `path` offers; each component is named by `path` itself, as the user gave it."""
-    root = model_dir(path)  # a single file: the directory it is imported to
+    if is_single_file(path):
+        return _single_file_source(path)
+    root = model_dir(path)
     record = json.loads((root / "ldm.json").read_text()) if (root / "ldm.json").is_file() else {}
     scheduler, scheduler_file = record.get("training_scheduler"), root / "ldm.json"
     if scheduler is None and (root / "scheduler" / "scheduler_config.json").is_file():
@@ -127,3 +129,16 @@ def finetune_source(path: str | Path) -> FinetuneSource:
         scheduler_file=str(scheduler_file),
         clip_skip=record.get("clip_skip"),
     )
+
+
+def _single_file_source(path: str | Path) -> FinetuneSource:
+    """What a single file offers, from its header: loading a config (and `--dry-run`) must not
+    import a multi-GB checkpoint; training imports it when it first reads a model. Such a file
+    always holds a VAE and a text encoder."""
+    from ldm.export import single_file_configs
+
+    configs, files = single_file_configs(path)
+    record = json.loads(files.get("ldm.json", "{}"))
+    return FinetuneSource(path=str(path), vae=str(path), text_encoder=str(path),
+                          scheduler=record.get("training_scheduler") or configs["scheduler"],
+                          scheduler_file=str(path), clip_skip=record.get("clip_skip"))

@@ -30,10 +30,17 @@ class VAEModelConfig:
     layers_per_block: int | None = None
     norm_num_groups: int | None = None      # GroupNorm groups; must divide every width. None: the preset's
     use_shift: bool = False                 # also measure and store a mean shift (SD3/FLUX style)
+    remeasure_scale: bool = False           # fine-tuning: measure scaling_factor again on this data. Off by
+                                            # default: U-Nets trained on the pretrained VAE expect its scale
+    train_decoder_only: bool = False        # fine-tuning: freeze the encoder (how sd-vae-ft-mse was made), so
+                                            # latents encoded before, and U-Nets trained on them, stay valid
 
     def validate(self) -> None:
         require(self.pretrained != "" or self.preset in VAE_PRESETS,
                 f"model.preset {self.preset!r} is not one of {sorted(VAE_PRESETS)}")
+        for key in ("remeasure_scale", "train_decoder_only"):
+            require(self.pretrained != "" or not getattr(self, key),
+                    f"model.{key} is for fine-tuning: it needs model.pretrained (a new VAE always measures its scale)")
         if self.pretrained:
             problem = model_path_problem(self.pretrained)
             require(problem is None, f"model.pretrained: {problem}")
@@ -67,6 +74,13 @@ def load_vae(path: str | Path) -> AutoencoderKL:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not an AutoencoderKL directory (no config.json)")
     return AutoencoderKL.from_pretrained(path, local_files_only=True)
+
+
+def freeze_encoder(vae: AutoencoderKL) -> None:
+    """Freeze everything that makes a latent (encoder, quant_conv): only the decoder learns."""
+    for part in (vae.encoder, vae.quant_conv):
+        if part is not None:
+            part.requires_grad_(False)
 
 
 def downsample_factor(vae: AutoencoderKL) -> int:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -41,6 +41,7 @@ from ldm.config import config_json, require
 from ldm.data.captions import process_caption
 from ldm.data.images import DataConfig, ImageStore, load_images
 from ldm.models.text import EOS_TOKEN, build_tokenizer, load_text_encoder, openclip_to_clip_text_model
+from ldm.safetensors_io import load_safetensors
 from ldm.train.common import (register_schedule, LoopConfig, batch_indices, lr_lambda,
                               make_accelerator, make_optimizer, resume, save_checkpoint, start_run)
 
@@ -305,7 +306,7 @@ def load_clip_scorer(path: str | Path, device: torch.device | str = "cpu") -> Cl
     if not config_path.is_file():
         raise FileNotFoundError(f"{root} holds no trained CLIP: {config_path} is missing (train_clip.py writes it)")
     meta = json.loads(config_path.read_text())
-    state = load_file(root / "image_encoder" / "model.safetensors")
+    state = load_safetensors(root / "image_encoder" / "model.safetensors")
     visual = open_clip.CLIP(**meta["model_cfg"]).visual
     visual.load_state_dict({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
     text_encoder, tokenizer = load_text_encoder(root)

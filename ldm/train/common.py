@@ -20,7 +20,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -28,9 +28,10 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils import load as accelerate_load
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ldm.config import require, save_config
+from ldm.safetensors_io import load_safetensors
 
 
 @dataclasses.dataclass
@@ -49,13 +50,15 @@ class LoopConfig:
     ema_decay: float = 0.0            # 0 disables EMA; else the max decay of diffusers' EMAModel
     ema_warmup: bool = True           # EMA warm-up (decay grows as 1 - (1 + step/inv_gamma)^-power)
     seed: int = 0
-    num_workers: int = 0              # DataLoader worker processes
-    log_every: int = 10               # steps between metrics lines
+    log_every: int = 10               # steps between metrics lines (>= 1)
     eval_every: int = 0               # steps between evaluations (0: only at the end)
     save_every: int = 0               # steps between resumable checkpoints (0: only at the end)
     checkpoints_total_limit: int = 2  # resumable checkpoints kept on disk
     max_nonfinite_steps: int = 5      # consecutive non-finite losses (steps skipped) before the run stops
     report_to: Literal["none", "tensorboard", "all"] = "none"
+
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "num_workers": "no DataLoader reads it (images are decoded once, latents memory-mapped)"}
 
     def validate(self) -> None:
         require(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
@@ -63,6 +66,7 @@ class LoopConfig:
         require(self.grad_accum > 0, f"train.grad_accum must be > 0, got {self.grad_accum}")
         require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         require(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        require(self.log_every >= 1, f"train.log_every must be >= 1 (the metrics file is the run's record), got {self.log_every}")
         require(self.checkpoints_total_limit >= 1, "train.checkpoints_total_limit must be >= 1")
         require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
 
@@ -338,7 +342,7 @@ def load_object_state(checkpoint: Path, index: int, device: torch.device | str =
     """The state dict of the `index`-th object the loop registered with register_for_checkpointing
     (in the order it registered them: the LR schedule, then the EMA), as saved in `checkpoint`."""
     stem = checkpoint / f"state-{index}"
-    tensors = load_file(stem.with_suffix(".safetensors"), device=str(device))
+    tensors = load_safetensors(stem.with_suffix(".safetensors"), device=str(device))
 
     def decode(value: Any):
         if isinstance(value, list):
@@ -401,30 +405,43 @@ def uniform(generators: list[torch.Generator]) -> torch.Tensor:
 
 
 class NonFiniteGuard:
-    """Counts consecutive non-finite losses; the caller skips those steps."""
+    """Counts consecutive non-finite losses; the caller skips those steps.
 
-    def __init__(self, limit: int, in_a_row: int = 0, total: int = 0):
-        self.limit, self.in_a_row, self.total = limit, in_a_row, total
+    Each loss of a step counts its own run (`ok(loss, name)`): a GAN's generator that is NaN on
+    every step must stop the run even while the discriminator's loss, checked in between, is finite.
+    """
+
+    def __init__(self, limit: int, in_a_row: int | dict[str, int] = 0, total: int = 0):
+        # a checkpoint from before the names held one count: the main loss's ("")
+        self.limit, self.total = limit, total
+        self.runs = dict(in_a_row) if isinstance(in_a_row, dict) else {"": in_a_row}
+
+    @property
+    def in_a_row(self) -> int:
+        """The longest current run of non-finite losses."""
+        return max(self.runs.values(), default=0)
 
     def state(self) -> dict:
         """What a checkpoint keeps (its ldm_state.json), so that a resumed run counts on."""
-        return {"nonfinite": {"in_a_row": self.in_a_row, "total": self.total}}
+        return {"nonfinite": {"in_a_row": dict(self.runs), "total": self.total}}
 
     @classmethod
     def from_state(cls, limit: int, state: dict) -> "NonFiniteGuard":
         """The guard a checkpoint's `state()` describes; a fresh one for a checkpoint without it."""
         return cls(limit, **state.get("nonfinite", {}))
 
-    def ok(self, loss: torch.Tensor) -> bool:
+    def ok(self, loss: torch.Tensor, name: str = "") -> bool:
+        """Whether `loss` (the one called `name`, if a step has several) is finite on every process."""
         if _finite_everywhere(loss):
-            self.in_a_row = 0
+            self.runs[name] = 0
             return True
-        self.in_a_row += 1
+        self.runs[name] = self.runs.get(name, 0) + 1
         self.total += 1
-        if self.in_a_row >= self.limit:
+        if self.runs[name] >= self.limit:
             raise NonFiniteLossError(
-                f"{self.in_a_row} non-finite losses in a row (limit train.max_nonfinite_steps={self.limit}); "
-                "stopping. The last checkpoint is intact: lower train.lr or use bf16 instead of fp16, then resume."
+                f"{self.runs[name]} non-finite {name + ' ' if name else ''}losses in a row "
+                f"(limit train.max_nonfinite_steps={self.limit}); stopping. The last checkpoint is intact: "
+                "lower train.lr or use bf16 instead of fp16, then resume."
             )
         return False
 

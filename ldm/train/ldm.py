@@ -226,6 +226,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     batches = size_batches(cache.size_groups(), loop.batch_size, loop.seed, step * loop.grad_accum, rank, world)
 
     progress = tqdm(total=loop.steps, initial=step, desc="unet", disable=not accelerator.is_local_main_process)
+    unet.train()  # important: from_pretrained returns a model in eval mode, which would switch LoRA dropout off
     while step < loop.steps:
         losses = []
         for micro in range(loop.grad_accum):
@@ -416,7 +417,9 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, unet, noise_scheduler, step: int) -> None:
-        was_training = unet.training
+        # every module's own mode: the top module's flag alone can differ from its submodules' (LoRA
+        # layers added to a U-Net loaded in eval mode), and restoring it would switch them all
+        modes = {module: module.training for module in unet.modules()}
         unet.eval()
         val, clip_skip = self.cfg.validation, self.cfg.text.clip_skip
         device = next(unet.parameters()).device
@@ -449,7 +452,8 @@ class Validator:
             summary.update(features=figures["features"], n=figures["n"], quality=figures,
                            split=self.held_out.manifest.get("split"))
         (self.out_dir / "eval.json").write_text(json.dumps(summary, indent=2))
-        unet.train(was_training)
+        for module, training in modes.items():
+            module.training = training
 
     def measure_quality(self, unet, device) -> dict:
         """Generate one image per held-out caption and measure them (the real images and the

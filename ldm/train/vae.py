@@ -1,7 +1,8 @@
 """Stage 1: train (or fine-tune) a KL-VAE, measure its latent scale, save an AutoencoderKL dir.
 
 Output (`<out_dir>/`): `vae/` (AutoencoderKL.save_pretrained, EMA weights when EMA is on, with
-`scaling_factor`/`shift_factor` measured on the training data), `eval.json` (held-out PSNR,
+`scaling_factor`/`shift_factor` measured on the training data; a fine-tune keeps the pretrained
+VAE's unless `model.remeasure_scale`), `eval.json` (held-out PSNR,
 SSIM, rFID when a feature network is available, latent std after scaling), `recon-*.png`
 grids, `metrics.jsonl`, `config.yaml`, and `checkpoints/step-N/` for resume.
 """
@@ -18,11 +19,12 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ldm.config import require
+from ldm.data.captions import CaptionConfig
 from ldm.data.images import DataConfig, ImageStore, image_grid, load_images
 from ldm.losses import VAELoss, VAELossConfig
 from ldm.metrics import default_inception_path, reconstruction_metrics
-from ldm.models.vae import (VAEModelConfig, build_vae, downsample_factor, measure_latent_scale,
-                            set_latent_scale)
+from ldm.models.vae import (VAEModelConfig, build_vae, downsample_factor, freeze_encoder, latent_scale,
+                            measure_latent_scale, set_latent_scale)
 from ldm.quality import check_run_history, check_spec, load_feature_network
 from ldm.train.common import (register_schedule, LoopConfig, batch_indices, lr_lambda,
                               make_accelerator, make_optimizer, resume, save_checkpoint, start_run)
@@ -48,6 +50,8 @@ class VAETrainConfig:
                                        # "inception:<file>" (ldm/quality.py); "": Inception when fid is true
 
     def validate(self) -> None:
+        require(self.data.captions == CaptionConfig(),
+                "data.captions: the VAE trains on images alone and never reads a caption; remove data.captions")
         require(self.scale_images > 0, "scale_images must be > 0")
         require(self.crop_size >= 0, "crop_size must be >= 0")
         check_spec("features", self.features)
@@ -99,13 +103,20 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
 
     # --- model, loss (logvar, LPIPS, discriminator), optimisers, EMA
     vae = build_vae(cfg.model, cfg.data.transform.resolution)
+    if cfg.model.train_decoder_only:
+        freeze_encoder(vae)
     loss_fn = VAELoss(cfg.loss).to(accelerator.device)
     # important: logvar rides in the autoencoder's module, so opt_ae updates it and DDP averages
     # its gradient; the discriminator is prepared on its own, with its own optimiser.
     ae = Autoencode(vae, loss_fn.logvar)
-    opt_ae = make_optimizer(ae.parameters(), loop)
+    opt_ae = make_optimizer([p for p in ae.parameters() if p.requires_grad], loop)
     opt_d = make_optimizer(loss_fn.discriminator.parameters(), loop, lr=cfg.disc_lr or loop.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(loop))
+    # The discriminator's schedule counts its own steps, from disc_start: a new discriminator warms
+    # up when it starts (not during steps it never takes), then decays to 0 at the run's end with
+    # the generator's, so neither side keeps a full rate against a frozen other.
+    disc_loop = dataclasses.replace(loop, steps=max(1, loop.steps - cfg.loss.disc_start))
+    d_sched = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(disc_loop))
     ae, disc, opt_ae, opt_d = accelerator.prepare(ae, loss_fn.discriminator, opt_ae, opt_d)
     register_schedule(accelerator, sched)
     vae = accelerator.unwrap_model(ae).vae
@@ -113,6 +124,7 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    register_schedule(accelerator, d_sched)  # after the EMA: the objects keep their checkpoint indices
 
     # --- resume: re-running the same command continues from the newest complete checkpoint
     step, guard = resume(accelerator, out_dir, cfg.resume, loop.max_nonfinite_steps)
@@ -141,20 +153,24 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
                 # discriminator step on detached reconstructions: never reaches the autoencoder
                 if loss_fn.disc_active(step):
                     d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc)
-                    if guard.ok(d_loss):
+                    if guard.ok(d_loss, "discriminator"):  # its own run: a finite one must not hide a NaN generator
                         accelerator.backward(d_loss)
                         opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
         sched.step()  # important: once per optimiser step, not per micro-batch, or warm-up ends grad_accum x early
+        if loss_fn.disc_active(step):
+            d_sched.step()
         step += 1
         if ema is not None:
             ema.step(vae.parameters())
         progress.update(1)
         if step % loop.log_every == 0 or step == loop.steps:
             progress.set_postfix(rec=f"{logs['rec']:.4f}")
-            log.write(step, lr=sched.get_last_lr()[0], skipped=guard.total, **logs)
-        if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps:
+            log.write(step, lr=sched.get_last_lr()[0], disc_lr=d_sched.get_last_lr()[0] if loss_fn.disc_active(step) else 0.0,
+                      skipped=guard.total, **logs)
+        # the main process alone: every rank would evaluate the same images and write the same files
+        if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps and accelerator.is_main_process:
             with swapped_ema(ema, vae.parameters()):
                 results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg, features, features_name)
             log.write(step, **{f"eval/{k}": v for k, v in results.items()})
@@ -242,10 +258,9 @@ def evaluate_vae(vae, eval_set: ImageStore, grid_path: Path | None, cfg: VAETrai
 
 def export_vae(vae, train_set: ImageStore, eval_set: ImageStore, out_dir: Path, cfg: VAETrainConfig,
                features: torch.nn.Module | None = None, features_name: str = "custom") -> None:
-    """Measure the latent scale on training images, store it in the config, save, evaluate."""
-    n = min(cfg.scale_images, len(train_set))
-    batches = (train_set.batch(list(range(s, min(s + 32, n)))) for s in range(0, n, 32))
-    scale, shift = measure_latent_scale(vae, batches, use_shift=cfg.model.use_shift)
+    """Measure the latent scale on training images (a fine-tune keeps its own), store it in the
+    config, save, evaluate."""
+    scale, shift = export_latent_scale(vae, train_set, cfg)
     set_latent_scale(vae, scale, shift)
     vae.save_pretrained(out_dir / "vae", safe_serialization=True)
     results = evaluate_vae(vae, eval_set, out_dir / "recon-final.png", cfg, features, features_name)
@@ -254,6 +269,17 @@ def export_vae(vae, train_set: ImageStore, eval_set: ImageStore, out_dir: Path, 
     results["split"] = eval_set.split  # which held-out images these figures come from
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
     print("vae eval:", json.dumps(results))
+
+
+def export_latent_scale(vae, train_set: ImageStore, cfg: VAETrainConfig) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) to save: measured on the training images, except that a
+    fine-tune keeps the pretrained VAE's unless `model.remeasure_scale`. The U-Nets trained on
+    that VAE (SD's 0.18215) take latents at its scale; a new one would no longer fit them."""
+    if cfg.model.pretrained and not cfg.model.remeasure_scale:
+        return latent_scale(vae)
+    n = min(cfg.scale_images, len(train_set))
+    batches = (train_set.batch(list(range(s, min(s + 32, n)))) for s in range(0, n, 32))
+    return measure_latent_scale(vae, batches, use_shift=cfg.model.use_shift)
 
 
 @torch.no_grad()

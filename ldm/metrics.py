@@ -208,10 +208,17 @@ def chance_figures(candidates: int) -> dict[str, float]:
 
 
 def bootstrap_interval(statistic: Callable[[torch.Tensor], dict[str, float]], n: int, resamples: int = 200,
-                       seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+                       seed: int = 0, level: float = 0.95, center: dict[str, float] | None = None
+                       ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals (Efron & Tibshirani 1993, ch. 13) of each figure `statistic`
     returns, from `resamples` draws of n indices with replacement (one index set per draw, shared
-    by all figures; a fixed seed, so the same data gives the same interval)."""
+    by all figures; a fixed seed, so the same data gives the same interval).
+
+    `center`: the figures on the whole set; each interval of a figure named there is moved so that
+    the resamples' median sits on it. important for FID and KID: a resample repeats about a third
+    of its images, which shrinks its spread and lifts FID (by 20-40% at N=200 in CLIP features), so
+    the plain percentile interval can lie wholly above the figure it qualifies.
+    """
     if resamples < 1:
         return {}
     g = torch.Generator().manual_seed(seed)
@@ -220,7 +227,11 @@ def bootstrap_interval(statistic: Callable[[torch.Tensor], dict[str, float]], n:
         for key, value in statistic(torch.randint(0, n, (n,), generator=g)).items():
             draws.setdefault(key, []).append(value)
     lo, hi = (1 - level) / 2, (1 + level) / 2
-    return {k: (float(np.quantile(v, lo)), float(np.quantile(v, hi))) for k, v in draws.items()}
+    intervals = {}
+    for key, values in draws.items():
+        shift = center[key] - float(np.median(values)) if center and key in center else 0.0
+        intervals[key] = (float(np.quantile(values, lo)) + shift, float(np.quantile(values, hi)) + shift)
+    return intervals
 
 
 class IncomparableMetricsError(ValueError):

@@ -191,7 +191,8 @@ class QualityEval:
         def statistic(idx):
             return {"fid": frechet_distance(real_f[idx], fake_f[idx]), "kid": kernel_distance(real_f[idx], fake_f[idx])}
 
-        return _with_intervals(statistic(torch.arange(len(real_f))), bootstrap_interval(statistic, len(real_f), self.resamples, self.seed))
+        figures = statistic(torch.arange(len(real_f)))
+        return _with_intervals(figures, bootstrap_interval(statistic, len(real_f), self.resamples, self.seed, center=figures))
 
     def _retrieval(self, image_f: torch.Tensor) -> dict[str, float]:
         ranks, candidates = caption_ranks(image_f, self.text_f, self.captions)

@@ -206,6 +206,23 @@ def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_more_data():
     assert bootstrap_interval(rate(small), 40, resamples=0) == {}
 
 
+def test_fid_interval_is_centred_on_the_fid_it_qualifies():
+    """Resampling with replacement repeats images and lifts FID: the plain percentile interval of two
+    sets from one distribution lies above their FID; centred on it, it brackets it."""
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(200, 16, generator=g), torch.randn(200, 16, generator=g)
+
+    def fid(idx):
+        return {"fid": frechet_distance(real[idx], fake[idx])}
+
+    point = fid(torch.arange(200))
+    plain = bootstrap_interval(fid, 200, resamples=100)["fid"]
+    centred = bootstrap_interval(fid, 200, resamples=100, center=point)["fid"]
+    assert plain[0] > point["fid"]  # the bias this guards against
+    assert centred[0] < point["fid"] < centred[1]
+    assert abs((centred[1] - centred[0]) - (plain[1] - plain[0])) < 1e-9  # moved, not widened
+
+
 def test_check_comparable_refuses_another_network_or_n_and_ignores_the_path():
     ours = {"features": "clip:runs/demo/clip@aaaa1111", "n": 200}
     check_comparable(ours, {"features": "clip:/elsewhere/clip@aaaa1111", "n": 200})  # same weights, moved

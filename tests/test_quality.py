@@ -88,8 +88,20 @@ def ldm_run(latents, clip_dir, tmp_path_factory):  # noqa: F811
     """A 2-step stage-3 run conditioned on the tiny CLIP's text tower, measured at steps 1 and 2."""
     from ldm.train.ldm import train_ldm
 
+    import ldm.train.ldm as stage3
+
     out = tmp_path_factory.mktemp("ldm") / "run"
-    train_ldm(ldm_cfg(out, latents, *LDM_QUALITY(clip_dir)))
+    calls = []
+
+    def recording_denoise(*args, num_steps, **kwargs):
+        calls.append((len(args[2]), num_steps))  # (images, sampling steps)
+        return real_denoise(*args, num_steps=num_steps, **kwargs)
+
+    real_denoise = stage3.denoise
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stage3, "denoise", recording_denoise)
+        train_ldm(ldm_cfg(out, latents, *LDM_QUALITY(clip_dir), "validation.quality_steps=1"))
+    (out / "denoise_calls.json").write_text(json.dumps(calls))
     return out
 
 
@@ -111,6 +123,12 @@ def test_stage3_measures_every_eval(ldm_run, clip_dir):
     summary = json.loads((out / "eval.json").read_text())
     assert summary["step"] == 2 and summary["n"] == 4 and summary["features"].startswith(f"clip:{clip_dir}@")
     assert summary["quality"]["fid"] == evals[1]["quality/fid"] and summary["split"]["eval_size"] == 4
+
+
+def test_stage3_quality_images_use_quality_steps(ldm_run):
+    calls = json.loads((ldm_run / "denoise_calls.json").read_text())
+    # the 4 held-out captions at steps 1 and 2, in validation.quality_steps=1 (validation.steps=2)
+    assert calls == [[4, 1], [4, 1]]
 
 
 def test_stage3_resumed_with_another_n_is_refused(ldm_run, latents, clip_dir):  # noqa: F811

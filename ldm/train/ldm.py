@@ -65,8 +65,11 @@ class ValidationConfig:
     features: str = ""              # the network for those: "clip:<dir>" | "inception:<file>" | "": text.encoder
                                     # when train_clip.py made it (it has the image tower), else off
     bootstrap: int = 200            # resamples for the 95% intervals of each figure (0: no intervals)
+    quality_steps: int = 0          # sampling steps of those images (0: `steps`); fewer keep the evaluation's
+                                    # share of a CPU run small, and every evaluation of a run uses the same
 
     def validate(self) -> None:
+        require(self.quality_steps >= 0, f"validation.quality_steps must be >= 0, got {self.quality_steps}")
         require(self.quality_n >= 0, f"validation.quality_n must be >= 0, got {self.quality_n}")
         require(self.bootstrap >= 0, f"validation.bootstrap must be >= 0, got {self.bootstrap}")
         check_spec("validation.features", self.features)
@@ -463,7 +466,8 @@ class Validator:
             held_out, captions, reference = real_images(data_config_of_cache(self.held_out.manifest), self.n)
             self.quality = QualityEval(self.network, held_out, captions, reference, resamples=self.cfg.validation.bootstrap)
         quality = self.quality
-        images = self.sample(unet, device, quality.prompts, quality.seeds, self.cfg.train.batch_size)
+        images = self.sample(unet, device, quality.prompts, quality.seeds, self.cfg.train.batch_size,
+                             steps=self.cfg.validation.quality_steps or self.cfg.validation.steps)
         return quality(images * 2 - 1)
 
     def grid(self, unet, device) -> torch.Tensor:
@@ -472,8 +476,10 @@ class Validator:
         return self.sample(unet, device, [p for p in val.prompts for _ in val.seeds],
                            [s for _ in val.prompts for s in val.seeds])
 
-    def sample(self, unet, device, prompts: list[str], seeds: list[int], batch_size: int | None = None) -> torch.Tensor:
-        """Images in [0, 1], image i from prompts[i] and seeds[i], `batch_size` at a time."""
+    def sample(self, unet, device, prompts: list[str], seeds: list[int], batch_size: int | None = None,
+               steps: int | None = None) -> torch.Tensor:
+        """Images in [0, 1], image i from prompts[i] and seeds[i], `batch_size` at a time, in `steps`
+        sampling steps (default: validation.steps)."""
         val, clip_skip = self.cfg.validation, self.cfg.text.clip_skip
         batch_size = batch_size or len(prompts)
         out = []
@@ -484,7 +490,7 @@ class Validator:
             cond = encode_prompts(self.text_encoder, self.tokenizer, batch, clip_skip=clip_skip)
             uncond = encode_prompts(self.text_encoder, self.tokenizer, [""] * len(batch), clip_skip=clip_skip)
             noise = initial_noise((len(batch), unet.config.in_channels, *self.latent_hw), generators, device, cond.dtype)
-            latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=val.steps,
+            latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=steps or val.steps,
                               guidance_scale=val.guidance_scale, generator=generators)
             out.append(decode_latents(self.vae.to(device), latents).cpu())
         return torch.cat(out)

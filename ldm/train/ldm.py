@@ -411,6 +411,9 @@ class Validator:
         if not spec:
             print(f"quality evaluation off: {why}")
             return
+        if len(self.held_out) < 2:  # important: off, not an error at the end of training that loses the export
+            print(f"quality evaluation off: FID and KID need at least 2 held-out images, the cache holds {len(self.held_out)}")
+            return
         self.network = load_feature_network(spec)
         self.n = min(val.quality_n, len(self.held_out))
         if self.n < val.quality_n:

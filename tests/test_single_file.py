@@ -33,7 +33,9 @@ def checkpoint(tmp_path_factory) -> tuple[Path, Path]:
         vae=AutoencoderKL(**vae_config("tiny-f4", scaling_factor=1.5)),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_PRESETS["tiny"])), tokenizer=build_tokenizer(),
         unet=UNet2DConditionModel(**unet_config("tiny")),
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False),
+        # steps_offset=1 as SD's own configs: StableDiffusionPipeline warns of (and rewrites) any other value
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False,
+                                steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).save_pretrained(root / "pipeline")
     return root / "pipeline", export_single_file(root / "pipeline", root / "model.safetensors")

@@ -1,7 +1,10 @@
-"""The whole pipeline on the embedded `shapes` dataset: CLIP, VAE -> latent cache -> U-Net -> samples.
+"""The whole pipeline on the embedded `shapes` dataset or a prepared real one: CLIP, VAE -> latent
+cache -> U-Net -> samples, scored.
 
     python demo.py                      # CPU demo configs, writes runs/demo/
     python demo.py --preset shapes_gpu --out runs/gpu   # the 512 px GPU configs
+    python demo.py --preset emoji_cpu   # real images: the emoji of `python -m ldm.data.prepare emoji`
+                                        # (made on first use), scored by FID/KID and caption retrieval
 
 Each stage is the same library call its CLI makes, with the config files in configs/. The
 U-Net is conditioned on the text tower of a CLIP trained first on the same captions: against a

@@ -98,10 +98,15 @@ def format_scores(scores: dict) -> str:
 
 def folder_data(path: str | Path, resolution: int, n: int) -> DataConfig:
     """An imagefolder's data config with N held out, or half of the folder when it holds fewer than 2N
-    images (the other half is the floor's reference)."""
+    images (the other half is the floor's reference). A prepared folder's own split (`heldout.txt`,
+    `python -m ldm.data.prepare`) is used as it is, so the floor's training images are the ones a run
+    on that folder trained on, as in the run's own figures."""
     from ldm.data.sources import open_source
 
     source = SourceConfig(kind="imagefolder", path=str(path))
+    if (Path(path) / "heldout.txt").is_file():
+        return DataConfig(source=source, transform=TransformConfig(resolution=resolution),
+                          heldout=str(Path(path) / "heldout.txt"))
     total = len(open_source(source))
     held_out = min(n, total // 2)
     if held_out < n:

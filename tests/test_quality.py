@@ -228,3 +228,16 @@ def test_real_images_take_held_out_by_hash_not_the_first_of_a_sorted_folder(tmp_
     assert set(keys) == heldout_by_count(heldout_by_count([json.loads(r)["file_name"] for r in rows], 30), 10)
     assert {k.split("/")[0] for k in keys} == {"a-red", "b-blue"}
     assert len(held_out) == 10
+
+
+def test_evaluate_takes_a_prepared_folders_own_split(tmp_path):
+    """`python -m ldm.evaluate --data` on a folder with heldout.txt holds out exactly those files, so
+    its floor compares with the figures of a run trained on that folder."""
+    from ldm.evaluate import folder_data
+
+    root = _folder(tmp_path / "prepared", 12, captions=True)
+    (root / "heldout.txt").write_text("003.png\n007.png\n011.png\n")
+    data = folder_data(root, 16, n=2)
+    assert data.heldout == str(root / "heldout.txt") and data.eval_size is None
+    assert sorted(load_images(data, "eval", desc="").ids) == ["003.png", "007.png", "011.png"]
+    assert folder_data(_folder(tmp_path / "plain", 12, captions=True), 16, n=2).eval_size == 2

@@ -485,13 +485,14 @@ class Validator:
         sampling steps (default: validation.steps)."""
         val, clip_skip = self.cfg.validation, self.cfg.text.clip_skip
         batch_size = batch_size or len(prompts)
+        empty = encode_prompts(self.text_encoder, self.tokenizer, [""], clip_skip=clip_skip)  # once, not per batch
         out = []
         for start in range(0, len(prompts), batch_size):
             batch, batch_seeds = prompts[start : start + batch_size], seeds[start : start + batch_size]
             scheduler = make_scheduler(val.scheduler, scheduler_config(self.cfg.noise))
             generators = seeded_generators(batch_seeds)
             cond = encode_prompts(self.text_encoder, self.tokenizer, batch, clip_skip=clip_skip)
-            uncond = encode_prompts(self.text_encoder, self.tokenizer, [""] * len(batch), clip_skip=clip_skip)
+            uncond = empty.expand(len(batch), -1, -1)
             noise = initial_noise((len(batch), unet.config.in_channels, *self.latent_hw), generators, device, cond.dtype)
             latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=steps or val.steps,
                               guidance_scale=val.guidance_scale, generator=generators)

@@ -45,6 +45,7 @@ OBJECTIVES = {  # name: (noise overrides, sampler)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--demo", required=True, help="a `python demo.py` run directory (clip/, vae/, latents/, ldm/)")
+    p.add_argument("--cache", help="the latent cache (default: <demo>/latents)")
     p.add_argument("--out", required=True, help="where the U-Nets and figures.json go")
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     p.add_argument("--steps", type=int, help="train.steps of every U-Net (warm-up a tenth of it); default: the config's")
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
         ldm_dir = unet_dir(args, name)
         # important: the U-Nets differ in the noise section alone (same seed, steps, data order)
         cfg = load_config(LDMTrainConfig, CONFIGS / "ldm" / "shapes_cpu.yaml",
-                          [f"out_dir={ldm_dir}", f"cache={demo / 'latents'}", f"vae={demo / 'vae' / 'vae'}",
+                          [f"out_dir={ldm_dir}", f"cache={args.cache or demo / 'latents'}", f"vae={demo / 'vae' / 'vae'}",
                            f"text.encoder={demo / 'clip'}", "validation.quality_n=0", *noise, *train])
         run_stage(timings, f"ldm_{name}", ldm_dir / "pipeline" / "model_index.json", lambda: train_ldm(cfg))
         pipe = load_pipeline(ldm_dir / "pipeline")

@@ -100,3 +100,18 @@ def test_text_encoder_comparison_runs_every_stage_and_scores_both(tmp_path):
         assert (exported.keys() == clip.keys() and all(exported[k].equal(clip[k]) for k in clip)) == same, name
     assert figures["clip_retrieval"]["candidates"] == 100
     assert "trained - random" in done.stdout
+
+    # bench/objectives.py on the same CLIP, VAE and cache: a U-Net per objective, each scored at 2 and 1 steps
+    ran = subprocess.run([sys.executable, str(BENCH / "objectives.py"), "--demo", str(out), "--cache",
+                          str(out / "latents-trained"), "--out", str(tmp_path / "objectives"), "--steps", "2", "--n", "2",
+                          "--sample-steps", "2", "1", "--json", str(tmp_path / "objectives.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    objectives = json.loads((tmp_path / "objectives.json").read_text())
+    assert list(objectives["objectives"]) == ["eps", "v", "flow"]
+    for name, row in objectives["objectives"].items():
+        assert set(row["scores"]) == {"2", "1"} and all(0 <= row["scores"][s]["all"] <= 1 for s in ("2", "1"))
+        ldm_json = json.loads((tmp_path / "objectives" / f"ldm-{name}" / "pipeline" / "ldm.json").read_text())
+        assert (ldm_json.get("objective", "diffusion"), row["sampler"]) == {
+            "eps": ("diffusion", "dpm++2m"), "v": ("diffusion", "dpm++2m"), "flow": ("flow", "flow-dpm++2m")}[name]
+    assert "eps | " in ran.stdout and "flow | " in ran.stdout

@@ -22,13 +22,13 @@ from PIL import Image
 from safetensors import safe_open
 
 from ldm.config import load_config
-from ldm.data.cache import (CacheMismatchError, EncodeConfig, encode_dataset, open_cache, read_manifest,
-                            text_identity)
+from ldm.data.cache import CacheMismatchError, open_cache, read_manifest, text_identity
 from ldm.data.transforms import prepare_image
 from ldm.models.conditioning import TextEncoderConfig, load_text
 from ldm.models.presets import vae_config
 from ldm.models.text import encode_prompts
 from ldm.models.vae import load_vae, weights_hash
+from ldm.train.encode import EncodeConfig, encode_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 # 4 train shards of 48 and one eval shard at 32 px: a shard takes ~0.1 s on one core, time

@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL
 
 from ldm.config import require
 from ldm.models.presets import VAE_PRESETS, vae_config
-from ldm.models.single_file import model_dir, model_path_problem
+from ldm.models.paths import directory_only, model_path_problem
 
 
 @dataclasses.dataclass
@@ -67,8 +67,8 @@ def build_vae(cfg: VAEModelConfig, resolution: int | None = None) -> Autoencoder
 
 
 def load_vae(path: str | Path) -> AutoencoderKL:
-    """An AutoencoderKL directory, or the `vae/` of a Stable Diffusion pipeline directory or single file."""
-    path = model_dir(path)
+    """An AutoencoderKL directory, or the `vae/` of a Stable Diffusion pipeline directory."""
+    path = directory_only(path, "load_vae")
     if (path / "vae" / "config.json").exists():
         path = path / "vae"
     if not (path / "config.json").exists():

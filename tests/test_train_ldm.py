@@ -185,6 +185,17 @@ def test_a_tiny_model_learns(cache_dir, vae_dir, tmp_path):
 # ----------------------------------------------------------------------------- fine-tuning
 
 
+def test_a_vae_re_exported_with_another_shift_is_refused_before_the_run_starts(cache_dir, vae_dir, tmp_path):
+    """Same weights (same hash), another latent shift: training would scale latents with the
+    cache's and decode samples with the VAE's; refused with both values, before the run dir exists."""
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.register_to_config(shift_factor=0.5)
+    vae.save_pretrained(tmp_path / "vae")
+    with pytest.raises(CacheMismatchError, match=r"shift_factor: cache has 0\.0, run expects 0\.5"):
+        train_ldm(ldm_cfg(tmp_path / "run", cache_dir, vae=tmp_path / "vae"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory) -> Path:
     """A Stable Diffusion directory as diffusers saves one: tiny U-Net, VAE and CLIP, a v-prediction DDIM scheduler."""

@@ -21,8 +21,9 @@ from ldm.data.images import DataConfig, ImageStore, image_grid, load_images
 from ldm.losses import VAELoss, VAELossConfig
 from ldm.metrics import default_inception_path, reconstruction_metrics
 from ldm.models.vae import (VAEModelConfig, build_vae, downsample_factor, freeze_encoder, latent_scale,
-                            measure_latent_scale, set_latent_scale)
+                            measure_latent_scale, save_vae)
 from ldm.quality import check_run_history, check_spec, load_feature_network
+from ldm.single_file import resolve_models
 from ldm.train.common import (register_schedule, LoopConfig, batch_indices, lr_lambda,
                               make_accelerator, make_optimizer, resume, start_run)
 from ldm.train.ema import make_ema, swapped_ema
@@ -100,8 +101,9 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
         features, features_name = network.image, network.identity
         check_run_history(out_dir / "metrics.jsonl", features_name, len(eval_set), "eval/", "features/data.eval_size")
 
-    # --- model, loss (logvar, LPIPS, discriminator), optimisers, EMA
-    vae = build_vae(cfg.model, cfg.data.transform.resolution)
+    # --- model (a single file to fine-tune: read from its imported directory), loss (logvar,
+    # LPIPS, discriminator), optimisers, EMA
+    vae = build_vae(resolve_models(cfg, "model.pretrained").model, cfg.data.transform.resolution)
     if cfg.model.train_decoder_only:
         freeze_encoder(vae)
     loss_fn = VAELoss(cfg.loss).to(accelerator.device)
@@ -233,8 +235,7 @@ def export_vae(vae, train_set: ImageStore, eval_set: ImageStore, out_dir: Path, 
     """Measure the latent scale on training images (a fine-tune keeps its own), store it in the
     config, save, evaluate."""
     scale, shift = export_latent_scale(vae, train_set, cfg)
-    set_latent_scale(vae, scale, shift)
-    vae.save_pretrained(out_dir / "vae", safe_serialization=True)
+    save_vae(vae, out_dir / "vae", scale, shift)
     results = evaluate_vae(vae, eval_set, out_dir / "recon-final.png", cfg, features, features_name)
     results.update(held_out_latent_stats(vae, eval_set))
     results.update(scaling_factor=scale, shift_factor=shift, downsample_factor=downsample_factor(vae))
@@ -257,7 +258,7 @@ def export_latent_scale(vae, train_set: ImageStore, cfg: VAETrainConfig) -> tupl
 @torch.no_grad()
 def held_out_latent_stats(vae, eval_set: ImageStore) -> dict:
     """Std (and mean) of held-out latents after the stored scaling: should be ~1 (and ~0)."""
-    scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    scale, shift = latent_scale(vae)
     device = next(vae.parameters()).device
     zs = [vae.encode(eval_set.batch(list(range(s, min(s + 32, len(eval_set))))).to(device)).latent_dist.sample()
           for s in range(0, len(eval_set), 32)]

@@ -62,6 +62,7 @@ from ldm.atomic import TMP_GLOB, write_atomic
 from ldm.data.images import DataConfig, plan_split
 from ldm.data.sources import SourceConfig
 from ldm.data.split import HeldOut
+from ldm.models.vae import downsample_factor, latent_scale, weights_hash
 from ldm.safetensors_io import open_safetensors, unreadable_safetensors
 
 FORMAT = "ldm-latent-cache"
@@ -80,8 +81,6 @@ def vae_identity(vae) -> dict:
     decodes with (`open_cache(expect=...)`): the weights' hash, and the latent scale and shift, the
     one scale that both scales training latents (`LatentCache.latents`) and decodes samples
     (`ldm.sampling.decode_latents`). The hash alone would pass a VAE re-exported with another scale."""
-    from ldm.models.vae import latent_scale, weights_hash
-
     scale, shift = latent_scale(vae)
     return {"vae_hash": weights_hash(vae), "scaling_factor": scale, "shift_factor": shift}
 
@@ -92,8 +91,6 @@ def expected_manifest(data: DataConfig, shard_size: int, vae, dtype: str = "fp32
     `split` is the held-out set's record (ldm.data.split); for a stream, whose held-out keys are
     known only after a pass, just its rule and settings (the manifest gets the full record).
     """
-    from ldm.models.vae import downsample_factor
-
     split = (heldout if heldout is not None else plan_split(data)).record()
     return {
         "format": FORMAT,
@@ -154,8 +151,6 @@ def describe_mismatch(found: dict, expected: dict) -> list[str]:
 
 def text_identity(text_encoder, tokenizer, clip_skip: int) -> dict:
     """What fixes a caption's embedding: the encoder's weights, the layer taken, the padding."""
-    from ldm.models.vae import weights_hash
-
     return {"encoder_hash": weights_hash(text_encoder), "clip_skip": clip_skip,
             "pad_token": tokenizer.pad_token, "max_length": tokenizer.model_max_length}
 

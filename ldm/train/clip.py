@@ -150,6 +150,7 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     # the batches it would have seen; so is the choice among an image's captions.
     batches = batch_indices(len(train_set), loop.batch_size, loop.seed, step)
 
+    # --- the loop (ldm.train.loop.run_loop): each step, each retrieval evaluation, the export
     def train_step(step: int) -> dict:
         model.train()
         indices = next(batches)

@@ -290,6 +290,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
                          use_cached_text=use_cached_text, guard=guard, ema=ema)
     unet.train()  # important: from_pretrained returns a model in eval mode, which would switch LoRA dropout off
 
+    # --- the loop (ldm.train.loop.run_loop): each step, each evaluation (EMA weights), the export
     def train_step(step: int) -> dict:
         loss = unet_step(step, batches)
         lr = lr_sched.get_last_lr()[0]  # the rate this step used

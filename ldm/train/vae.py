@@ -132,6 +132,7 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
                             accelerator.process_index, accelerator.num_processes)
     last_layer = vae.decoder.conv_out.weight
 
+    # --- the loop (ldm.train.loop.run_loop): each step, each evaluation (EMA weights), the export
     def train_step(step: int) -> dict:
         for _ in range(loop.grad_accum):
             x = random_crop(train_set.batch(next(batches)), cfg.crop_size, loop.seed, step).to(accelerator.device)

@@ -83,7 +83,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ldm.atomic import atomic_path, write_atomic
 from ldm.models.presets import SD_SCHEDULER_CONFIG, unet_config, vae_config
 from ldm.models.text import EOS_TOKEN, build_tokenizer
-from ldm.pipeline import check_ldm_file_name, ldm_files, require_pipeline_dir, write_ldm_files
+from ldm.pipeline import check_ldm_file_name, ldm_files, load_pipeline_dir, write_ldm_files
 from ldm.safetensors_io import open_safetensors
 
 FORMAT_VERSION = "1"
@@ -372,8 +372,7 @@ def export_single_file(pipeline_dir: str | os.PathLike, out_path: str | os.PathL
         raise ValueError(f"out_path {str(out_path)!r} must end in .safetensors")
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype {dtype} is not a floating-point type")
-    require_pipeline_dir(pipeline_dir)
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True, use_safetensors=True)
+    pipe = load_pipeline_dir(pipeline_dir, use_safetensors=True)
 
     tensors = {
         **unet_to_original(pipe.unet.state_dict(), pipe.unet.config),

@@ -36,7 +36,7 @@ from ldm.diffusion import objective_of
 from ldm.fast import FastConfig, apply_to_pipeline
 from ldm.models.text import encode_prompts
 from ldm.models.vae import downsample_factor
-from ldm.pipeline import INDEX, read_record, record_from_files
+from ldm.pipeline import INDEX, load_pipeline_dir, read_record, record_from_files
 from ldm.safetensors_io import open_safetensors
 from ldm.sampling import (DEFAULT_SAMPLERS, SCHEDULERS, Inpainting, decode_latents, denoise, encode_images,
                           initial_noise, make_scheduler, scheduler_name_of, seed_sde_noise, seeded_generators)
@@ -122,15 +122,12 @@ def _ldm_record(path: Path) -> dict:
 
 
 def _load_diffusers(path: Path, allow_pickle: bool):
-    from diffusers import StableDiffusionPipeline
-
     if path.is_file():
         from ldm.export import import_single_file
 
         return import_single_file(path, allow_pickle=allow_pickle)
     if (path / INDEX).is_file():
-        return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+        return load_pipeline_dir(path, safety_checker=None, requires_safety_checker=False)
     raise FileNotFoundError(f"{path}: not a run dir, a diffusers pipeline dir ({INDEX}) or a checkpoint file")
 
 

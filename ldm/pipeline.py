@@ -18,9 +18,9 @@ Versions of ldm.json: 1 is the only one. A record without `format` or `version` 
 or written before they were checked) reads as version 1; another format or version is an error
 that names the file and the key.
 
-This module is the one writer (`save_pipeline`) and the one reader (`read_record`, and
-`record_from_files` for the copy a single file carries) of ldm.json; `ldm_files` and
-`write_ldm_files` carry the `ldm*.json` files' text through single files unread.
+This module is the one writer (`save_pipeline`) and the one reader (`load_pipeline_dir` for the
+weights, `read_record` for ldm.json, and `record_from_files` for the copy a single file carries);
+`ldm_files` and `write_ldm_files` carry the `ldm*.json` files' text through single files unread.
 """
 
 from __future__ import annotations
@@ -57,6 +57,15 @@ def require_pipeline_dir(path: str | os.PathLike) -> Path:
     if not (path / INDEX).is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no {INDEX})")
     return path
+
+
+def load_pipeline_dir(path: str | os.PathLike, **kwargs):
+    """The StableDiffusionPipeline saved at `path` (never from the hub); `kwargs` go to
+    `from_pretrained` (e.g. use_safetensors=True). A directory without model_index.json is an
+    error naming it."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(require_pipeline_dir(path), local_files_only=True, **kwargs)
 
 
 def read_record(path: str | os.PathLike) -> dict:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from bench.common import report  # noqa: E402
 
 from ldm.config import load_config  # noqa: E402
-from ldm.data.cache import EncodeConfig, encode_dataset  # noqa: E402
+from ldm.train.encode import EncodeConfig, encode_dataset  # noqa: E402
 from ldm.data.shapes import ShapesDataset  # noqa: E402
 from ldm.data.transforms import TransformConfig, prepare_image  # noqa: E402
 

@@ -17,11 +17,11 @@ loss.item() for the log. The images are prepared once in memory (tensors, as its
 makes them) so that image decoding does not decide the figure. A second baseline row takes the
 latents and text embeddings precomputed, with the rest unchanged.
 
-Ours: the micro-batch of ldm.train.ldm.train_ldm, line for line from its own pieces
-(size_batches, sample_generators, LatentCache.latents with a fresh posterior sample, conditioning
-with the cached text embeddings and caption dropout, noised_inputs, the U-Net, diffusion_loss, the
-non-finite guard, backward, clip, make_optimizer's fused AdamW), with ldm.fast.FastConfig applied
-(channels_last, torch.compile). The cache is made by encode_dataset first, untimed.
+Ours: the optimiser step of ldm.train.ldm.train_ldm, called as the trainer calls it
+(ldm.train.ldm.UNetStep: sample_generators, LatentCache.latents with a fresh posterior sample,
+conditioning with the cached text embeddings and caption dropout, noised_inputs, the U-Net,
+diffusion_loss, the non-finite guard, backward, clip, the optimizer, the EMA) on size_batches,
+with make_optimizer's fused AdamW and ldm.fast.FastConfig applied (channels_last, torch.compile). The cache is made by encode_dataset first, untimed.
 
 Each side: --warmup steps (ours compiles here), then --steps timed steps ending in a device
 synchronise; peak memory (torch.cuda.max_memory_allocated) per side on a GPU.
@@ -48,18 +48,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from bench.common import report, synchronize  # noqa: E402
 
 from ldm.config import load_config  # noqa: E402
-from ldm.data.cache import EncodeConfig, encode_dataset, open_cache, text_identity  # noqa: E402
+from ldm.data.cache import open_cache, text_identity  # noqa: E402
 from ldm.data.shapes import ShapesDataset  # noqa: E402
 from ldm.data.transforms import TransformConfig, prepare_image  # noqa: E402
 from ldm.diffusion import make_train_scheduler  # noqa: E402
 from ldm.fast import FastConfig, apply_fast_paths, effective  # noqa: E402
-from ldm.losses import diffusion_loss  # noqa: E402
 from ldm.models.conditioning import TextEncoderConfig, load_text  # noqa: E402
 from ldm.models.lora import LoRAConfig, add_lora  # noqa: E402
 from ldm.models.text import encode_prompts  # noqa: E402
 from ldm.models.unet import UNetModelConfig, build_unet  # noqa: E402
-from ldm.train.common import LoopConfig, NonFiniteGuard, make_optimizer, sample_generators  # noqa: E402
-from ldm.train.ldm import LDMTrainConfig, make_ema, size_batches, training_inputs  # noqa: E402
+from ldm.train.common import LoopConfig, NonFiniteGuard, make_optimizer  # noqa: E402
+from ldm.train.ema import make_ema  # noqa: E402
+from ldm.train.encode import EncodeConfig, encode_dataset  # noqa: E402
+from ldm.train.ldm import LDMTrainConfig, UNetStep, size_batches  # noqa: E402
 
 # Ablation rows, cumulative: each adds one fast path to the row above. The last is "ours" of the
 # main comparison. precision: accelerate's mixed_precision; fused: make_optimizer's fused AdamW
@@ -228,7 +229,7 @@ def baseline_side(assets: Assets, args, accelerator, precomputed: bool):
 
 
 def ours_side(assets: Assets, args, accelerator, variant: str, *, fine_tune: bool = False, weights: str = "fp32"):
-    """The trainer's micro-batch with the variant's fast paths. `fine_tune` adds what
+    """The trainer's optimiser step with the variant's fast paths. `fine_tune` adds what
     configs/ldm/sd15_finetune.yaml adds (gradient checkpointing, EMA); `weights` ("fp32", "bf16",
     "8bit", "lora": rank-16 adapters on frozen fp32 weights) picks what holds the weights and the
     optimizer state (the --memory rows)."""
@@ -268,26 +269,11 @@ def ours_side(assets: Assets, args, accelerator, variant: str, *, fine_tune: boo
     noise_scheduler = make_train_scheduler(cfg.noise)
     empty = encode_prompts(text_encoder, tokenizer, [""], clip_skip=cfg.text.clip_skip)
     batches = size_batches(cache.size_groups(), loop.batch_size, loop.seed)
-    guard = NonFiniteGuard(loop.max_nonfinite_steps)
-
-    def step(i: int) -> None:  # train_ldm's micro-batch, line for line, with grad_accum = 1 and one process
-        indices = next(batches)
-        gen = sample_generators(loop.seed, i, 0, 0, len(indices))
-        noisy, t, cond, target, loss_weights = training_inputs(cfg, cache, indices, gen, noise_scheduler, device,
-                                                               text_encoder, tokenizer, empty, use_cached_text)
-        with accelerator.accumulate(unet):
-            pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-            loss = diffusion_loss(pred, target, loss_weights)
-            if guard.ok(loss):
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and loop.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, loop.max_grad_norm)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(trainable)
-
-    return step
+    # the trainer's own step (grad_accum = 1, one process): nothing here can drift from it
+    unet_step = UNetStep(cfg=cfg, accelerator=accelerator, cache=cache, unet=unet, trainable=trainable, optimizer=optimizer,
+                         noise_scheduler=noise_scheduler, text_encoder=text_encoder, tokenizer=tokenizer, empty=empty,
+                         use_cached_text=use_cached_text, guard=NonFiniteGuard(loop.max_nonfinite_steps), ema=ema)
+    return lambda i: unet_step(i, batches)
 
 
 # ----------------------------------------------------------------------------- modes

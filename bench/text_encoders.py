@@ -56,7 +56,7 @@ def _overrides(args) -> tuple[list[str], list[str]]:
 
 
 def main(argv=None) -> dict:
-    from ldm.data.cache import EncodeConfig, encode_dataset
+    from ldm.train.encode import EncodeConfig, encode_dataset
     from ldm.demo import run_stage
     from ldm.evaluate import format_scores, prompt_adherence
     from ldm.infer import load_pipeline

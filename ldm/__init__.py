@@ -1,6 +1,6 @@
 """ldm: a latent diffusion (Stable-Diffusion-style) toolkit.
 
-Stages: `ldm.train.vae.train_vae` (KL-VAE), `ldm.data.cache.encode_dataset` (latent cache),
+Stages: `ldm.train.vae.train_vae` (KL-VAE), `ldm.train.encode.encode_dataset` (latent cache),
 `ldm.train.ldm.train_ldm` (text-conditioned U-Net); sampling with `load_pipeline` + `generate`.
 """
 

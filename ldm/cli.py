@@ -52,7 +52,7 @@ def train_vae_main(argv=None) -> None:
 
 
 def encode_main(argv=None) -> None:
-    from ldm.data.cache import EncodeConfig, encode_dataset
+    from ldm.train.encode import EncodeConfig, encode_dataset
 
     cfg = _load(EncodeConfig, "Stage 2: encode a dataset into a latent cache (resumable; accelerate launch for many GPUs).", argv)
     if cfg is not None:

@@ -66,9 +66,10 @@ def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = N_EVAL, overri
     """Every stage of `preset` into `out`, then the scores. With `heldout` (shapes only), the
     combinations it names are kept out of the CLIP's, the VAE's and the cache's data, and the
     scores are those of `composition_adherence`: held-out combinations beside seen ones."""
-    from ldm.data.cache import EncodeConfig, encode_dataset
+    from ldm.data.cache import MANIFEST
     from ldm.infer import load_pipeline
     from ldm.train.clip import ClipTrainConfig, train_clip
+    from ldm.train.encode import EncodeConfig, encode_dataset
     from ldm.train.ldm import LDMTrainConfig, train_ldm
     from ldm.train.vae import VAETrainConfig, train_vae
 
@@ -89,7 +90,7 @@ def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = N_EVAL, overri
 
     enc_cfg = load_config(EncodeConfig, CONFIGS / "encode" / f"{preset}.yaml",
                           [f"vae={vae_dir / 'vae'}", f"out_dir={cache_dir}", text, *overrides.get("encode", [])])
-    run_stage(timings, "encode_s", cache_dir / "manifest.json", lambda: encode_dataset(enc_cfg))
+    run_stage(timings, "encode_s", cache_dir / MANIFEST, lambda: encode_dataset(enc_cfg))
 
     ldm_cfg = load_config(LDMTrainConfig, CONFIGS / "ldm" / f"{preset}.yaml",
                           [f"out_dir={ldm_dir}", f"cache={cache_dir}", f"vae={vae_dir / 'vae'}", text, *overrides.get("ldm", [])])

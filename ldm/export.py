@@ -26,6 +26,11 @@ safetensors metadata, so `import_single_file` needs nothing else:
     "ldm.scheduler"     scheduler config.json (class, prediction type, schedule)
     "ldm.tokenizer"     {"pad_token", "model_max_length", "vocab_size"}
     "ldm.file.<name>"   the text of each `ldm*.json` file at the pipeline directory's root
+                        (`ldm.pipeline`: its training record), carried unread
+
+A reader refuses another "ldm.format", or a file missing one of the keys above, naming the file
+and the key. This module is the single file's one writer (`export_single_file`) and one reader
+(`load_checkpoint`, then `import_single_file`, or `single_file_configs` for the header alone).
 
 Other readers never see that metadata, so the schedule also travels the ways they read it:
 
@@ -55,7 +60,6 @@ import os
 import pickle
 import re
 from collections.abc import Callable, Mapping
-from fnmatch import fnmatch
 from pathlib import Path
 
 import diffusers
@@ -76,8 +80,10 @@ import yaml
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm.atomic import atomic_path, write_atomic
 from ldm.models.presets import SD_SCHEDULER_CONFIG, unet_config, vae_config
 from ldm.models.text import EOS_TOKEN, build_tokenizer
+from ldm.pipeline import check_ldm_file_name, ldm_files, load_pipeline_dir, write_ldm_files
 from ldm.safetensors_io import open_safetensors
 
 FORMAT_VERSION = "1"
@@ -86,7 +92,6 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-LDM_FILES = "ldm*.json"  # files at a pipeline dir's root that travel with the weights
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler", "tokenizer")
 V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"  # schedule markers other readers look for (module docstring)
 COMPANION_MARK = "# written by ldm.export beside its checkpoint: the web UIs' config for it\n"
@@ -323,18 +328,11 @@ def write_companion_yaml(pipe: StableDiffusionPipeline, checkpoint: Path) -> Pat
         if path.is_file() and path.read_text().startswith(COMPANION_MARK):
             path.unlink()
         return None
-    partial = path.with_name(path.name + ".partial")
     config = json.loads(json.dumps(original_inference_config(pipe)))  # tuples -> lists, as YAML writes them
-    partial.write_text(COMPANION_MARK + yaml.safe_dump(config, sort_keys=False))
-    os.replace(partial, path)
-    return path
+    return write_atomic(path, COMPANION_MARK + yaml.safe_dump(config, sort_keys=False))
 
 
 # --------------------------------------------------------------------------- export
-
-
-def _ldm_files(pipeline_dir: Path) -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted(pipeline_dir.glob(LDM_FILES)) if p.is_file()}
 
 
 def _config_json(config: Mapping) -> str:
@@ -355,7 +353,7 @@ def _metadata(pipe: StableDiffusionPipeline, pipeline_dir: Path) -> dict[str, st
                                      "model_max_length": tokenizer.model_max_length,
                                      "vocab_size": len(tokenizer)}),
     }
-    meta |= {f"ldm.file.{name}": text for name, text in _ldm_files(pipeline_dir).items()}
+    meta |= {f"ldm.file.{name}": text for name, text in ldm_files(pipeline_dir).items()}
     return meta
 
 
@@ -374,9 +372,7 @@ def export_single_file(pipeline_dir: str | os.PathLike, out_path: str | os.PathL
         raise ValueError(f"out_path {str(out_path)!r} must end in .safetensors")
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype {dtype} is not a floating-point type")
-    if not (pipeline_dir / "model_index.json").is_file():
-        raise FileNotFoundError(f"{pipeline_dir} is not a diffusers pipeline directory (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True, use_safetensors=True)
+    pipe = load_pipeline_dir(pipeline_dir, use_safetensors=True)
 
     tensors = {
         **unet_to_original(pipe.unet.state_dict(), pipe.unet.config),
@@ -389,9 +385,8 @@ def export_single_file(pipeline_dir: str | os.PathLike, out_path: str | os.PathL
     tensors |= schedule_markers(pipe.scheduler.config)  # after the cast: markers are no weights
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(out_path.name + ".partial")
-    save_file(tensors, partial, metadata=_metadata(pipe, pipeline_dir))
-    os.replace(partial, out_path)
+    with atomic_path(out_path) as partial:
+        save_file(tensors, partial, metadata=_metadata(pipe, pipeline_dir))
     write_companion_yaml(pipe, out_path)
     return out_path
 
@@ -506,10 +501,16 @@ def infer_configs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict]:
     }
 
 
-def _embedded_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
+def _embedded_configs(metadata: Mapping[str, str], path: str | os.PathLike) -> dict[str, dict]:
+    """The component configs our export wrote into the metadata, checked: an unknown format
+    version or a missing component is an error that names the file and the key."""
     if metadata.get("ldm.format") != FORMAT_VERSION:
-        raise ValueError(f"ldm.format {metadata.get('ldm.format')!r} in the file; this version reads "
-                         f"{FORMAT_VERSION!r}")
+        raise ValueError(f"{path}: metadata key 'ldm.format' is {metadata.get('ldm.format')!r}; this version "
+                         f"of ldm reads {FORMAT_VERSION!r}")
+    missing = [f"ldm.{name}" for name in COMPONENTS if f"ldm.{name}" not in metadata]
+    if missing:
+        raise ValueError(f"{path}: metadata key {missing[0]!r} is missing (ldm.format {FORMAT_VERSION} writes "
+                         f"{', '.join(f'ldm.{n}' for n in COMPONENTS)})")
     return {name: json.loads(metadata[f"ldm.{name}"]) for name in COMPONENTS}
 
 
@@ -575,15 +576,22 @@ def _build_tokenizer(config: dict):
 
 
 def _ldm_files_in(metadata: Mapping[str, str]) -> dict[str, str]:
-    """The `ldm*.json` files the metadata carries, by name, checked before anything is written."""
+    """The pipeline directory's files the metadata carries (ldm.pipeline), by name, checked before
+    anything is written."""
     files = {}
     for key, text in metadata.items():
         if key.startswith("ldm.file."):
             name = key.removeprefix("ldm.file.")
-            if Path(name).name != name or not fnmatch(name, LDM_FILES):  # never outside out_dir
-                raise ValueError(f"metadata names a file {name!r}; expected a bare {LDM_FILES} name")
+            check_ldm_file_name(name)  # never outside out_dir
             files[name] = text
     return files
+
+
+def carried_files(path: str | os.PathLike) -> dict[str, str]:
+    """The pipeline directory's files (ldm.pipeline: its training record) a .safetensors
+    checkpoint carries, by name, read from its header; none for a file made elsewhere."""
+    with open_safetensors(path) as f:
+        return _ldm_files_in(dict(f.metadata() or {}))
 
 
 def single_file_configs(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
@@ -593,7 +601,7 @@ def single_file_configs(path: str | os.PathLike) -> tuple[dict[str, dict], dict[
     with open_safetensors(path) as f:
         metadata = dict(f.metadata() or {})
         skeleton = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-    configs = _embedded_configs(metadata) if "ldm.format" in metadata else infer_configs(skeleton)
+    configs = _embedded_configs(metadata, path) if "ldm.format" in metadata else infer_configs(skeleton)
     scheduler = _build_scheduler(configs["scheduler"])
     configs["scheduler"] = {"_class_name": type(scheduler).__name__, **scheduler.config}
     return configs, _ldm_files_in(metadata)
@@ -613,8 +621,8 @@ def import_single_file(path: str | os.PathLike, out_dir: str | os.PathLike | Non
     unknown = sorted(set(configs or {}) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"configs: unknown component(s) {unknown}; known: {list(COMPONENTS)}")
-    ldm_files = _ldm_files_in(metadata)
-    found = _embedded_configs(metadata) if "ldm.format" in metadata else infer_configs(state_dict)
+    carried = _ldm_files_in(metadata)
+    found = _embedded_configs(metadata, path) if "ldm.format" in metadata else infer_configs(state_dict)
     resolved = {**found, **(configs or {})}
 
     pipe = StableDiffusionPipeline(
@@ -626,8 +634,6 @@ def import_single_file(path: str | os.PathLike, out_dir: str | os.PathLike | Non
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     if out_dir is not None:
-        out_dir = Path(out_dir)
         pipe.save_pretrained(out_dir, safe_serialization=True)
-        for name, text in ldm_files.items():
-            (out_dir / name).write_text(text)
+        write_ldm_files(out_dir, carried)
     return pipe

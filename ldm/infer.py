@@ -36,6 +36,7 @@ from ldm.diffusion import objective_of
 from ldm.fast import FastConfig, apply_to_pipeline
 from ldm.models.text import encode_prompts
 from ldm.models.vae import downsample_factor
+from ldm.pipeline import INDEX, load_pipeline_dir, read_record, record_from_files
 from ldm.safetensors_io import open_safetensors
 from ldm.sampling import (DEFAULT_SAMPLERS, SCHEDULERS, Inpainting, decode_latents, denoise, encode_images,
                           initial_noise, make_scheduler, scheduler_name_of, seed_sde_noise, seeded_generators)
@@ -105,31 +106,29 @@ def auto_dtype(device: str) -> torch.dtype:
 def resolve_pipeline_dir(path: str | Path) -> Path:
     """A run dir (holding pipeline/) resolves to its pipeline; anything else is itself."""
     path = Path(path)
-    return path / "pipeline" if (path / "pipeline" / "model_index.json").is_file() else path
+    return path / "pipeline" if (path / "pipeline" / INDEX).is_file() else path
 
 
 def _ldm_record(path: Path) -> dict:
-    """ldm.json (how the model was trained) of a pipeline dir, or as our single files carry it."""
+    """How the model was trained (ldm.pipeline's record) of a pipeline dir, or as our single files
+    carry it; {} for anyone else's."""
     if path.is_dir():
-        record = path / "ldm.json"
-        return json.loads(record.read_text()) if record.is_file() else {}
+        return read_record(path)
     if path.suffix == ".safetensors":
-        with open_safetensors(path) as f:
-            return json.loads((f.metadata() or {}).get("ldm.file.ldm.json", "{}"))
+        from ldm.export import carried_files
+
+        return record_from_files(carried_files(path), path)
     return {}
 
 
 def _load_diffusers(path: Path, allow_pickle: bool):
-    from diffusers import StableDiffusionPipeline
-
     if path.is_file():
         from ldm.export import import_single_file
 
         return import_single_file(path, allow_pickle=allow_pickle)
-    if (path / "model_index.json").is_file():
-        return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
-    raise FileNotFoundError(f"{path}: not a run dir, a diffusers pipeline dir (model_index.json) or a checkpoint file")
+    if (path / INDEX).is_file():
+        return load_pipeline_dir(path, safety_checker=None, requires_safety_checker=False)
+    raise FileNotFoundError(f"{path}: not a run dir, a diffusers pipeline dir ({INDEX}) or a checkpoint file")
 
 
 def fuse_loras(sd, loras: Sequence[tuple[str | Path, float]]) -> None:

@@ -188,14 +188,14 @@ def shapes_image(seed: int, resolution: int = 64, num_objects: int = 1) -> Image
 
 
 def load_vae(path: str | Path, device: str = "cpu"):
-    """An AutoencoderKL from a VAE dir, a pipeline dir, or a run dir holding either."""
-    from diffusers import AutoencoderKL
+    """An AutoencoderKL from a VAE dir, a pipeline dir, a run dir holding either, or a single file."""
+    from ldm.models.vae import load_vae as read_vae
+    from ldm.single_file import model_dir
 
-    path = Path(path)
-    for candidate in (path, path / "vae", path / "pipeline" / "vae"):
-        if (candidate / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(candidate, local_files_only=True).to(device).eval()
-    raise FileNotFoundError(f"{path}: no AutoencoderKL here (looked for config.json in ., vae/, pipeline/vae/)")
+    path = model_dir(path)
+    if (path / "pipeline" / "vae" / "config.json").is_file():  # a stage-3 run dir
+        path = path / "pipeline"
+    return read_vae(path).to(device).eval()
 
 
 # ----------------------------------------------------------------------------- reverse process

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from ldm.config import load_config
-from ldm.data.cache import EncodeConfig, encode_dataset
+from ldm.train.encode import EncodeConfig, encode_dataset
 from ldm.models.presets import vae_config
 from ldm.train.common import list_checkpoints
 from ldm.train.ldm import LDMTrainConfig

@@ -22,13 +22,13 @@ from PIL import Image
 from safetensors import safe_open
 
 from ldm.config import load_config
-from ldm.data.cache import (CacheMismatchError, EncodeConfig, encode_dataset, open_cache, read_manifest,
-                            text_identity)
+from ldm.data.cache import CacheMismatchError, open_cache, read_manifest, text_identity, vae_identity
 from ldm.data.transforms import prepare_image
 from ldm.models.conditioning import TextEncoderConfig, load_text
 from ldm.models.presets import vae_config
 from ldm.models.text import encode_prompts
-from ldm.models.vae import load_vae, weights_hash
+from ldm.models.vae import load_vae, set_latent_scale, weights_hash
+from ldm.train.encode import EncodeConfig, encode_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 # 4 train shards of 48 and one eval shard at 32 px: a shard takes ~0.1 s on one core, time
@@ -153,6 +153,40 @@ def test_reader_refuses_another_vae_or_resolution(reference, tmp_path):
     with pytest.raises(CacheMismatchError, match="transform.resolution: cache has 32, run expects 64"):
         open_cache(reference, expect={"transform": {"resolution": 64}})
     assert len(open_cache(reference, expect={"vae_hash": read_manifest(reference)["vae_hash"]})) == 192
+
+
+def test_stage3_refuses_the_same_weights_with_another_latent_scale_or_shift(vae_dir, reference):
+    """The weights' hash alone would pass a VAE re-exported with another shift: the training latents
+    would be scaled with the cache's copy and the samples decoded with the VAE's."""
+    vae = load_vae(vae_dir)
+    assert len(open_cache(reference, expect=vae_identity(vae))) == 192
+    set_latent_scale(vae, 0.7, 0.25)
+    with pytest.raises(CacheMismatchError, match=r"(?s)manifest\.json.*shift_factor: cache has 0\.1, run expects 0\.25"):
+        open_cache(reference, expect=vae_identity(vae))
+    set_latent_scale(vae, 0.5, 0.1)
+    with pytest.raises(CacheMismatchError, match=r"scaling_factor: cache has 0\.7, run expects 0\.5"):
+        open_cache(reference, "eval", expect=vae_identity(vae))
+
+
+def test_reader_names_the_file_and_key_it_cannot_read(reference, tmp_path):
+    cache = tmp_path / "latents"
+    shutil.copytree(reference, cache)
+    manifest = read_manifest(cache)
+    for change, key in (({"version": 4}, "'version' is 4"), ({"format": "other"}, "'format' is 'other'")):
+        (cache / "manifest.json").write_text(json.dumps({**manifest, **change}))
+        with pytest.raises(CacheMismatchError, match=rf"{cache / 'manifest.json'}: key {key}; .*re-encode"):
+            open_cache(cache)
+    (cache / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "shift_factor"}))
+    with pytest.raises(CacheMismatchError, match=rf"{cache / 'manifest.json'}: key 'shift_factor' is missing"):
+        open_cache(cache)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    (cache / "train-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{cache / 'train-00002.safetensors'} is missing: .*'splits.train.shards'"):
+        open_cache(cache)
+    assert len(open_cache(cache, "eval")) == 16  # the other split is whole
+    (cache / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"no latent cache at {cache}: {cache / 'manifest.json'} is missing"):
+        open_cache(cache)
 
 
 def test_encode_refuses_to_mix_settings_unless_overwrite(vae_dir, reference, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ldm.config import ConfigError, load_config
-from ldm.data.cache import EncodeConfig
+from ldm.train.encode import EncodeConfig
 from ldm.models.text import TEXT_PRESETS
 from ldm.train.ldm import LDMTrainConfig
 from ldm.train.vae import VAETrainConfig

@@ -17,7 +17,6 @@ from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEule
 
 from ldm.app import Demo, Limits, RequestError, usable_schedulers
 from ldm.config import ConfigError, from_dict, load_config
-from ldm.data.cache import EncodeConfig, encode_dataset
 from ldm.diffusion import (NoiseConfig, TrainNoiseConfig, fill_schedule, flow_inputs, flow_times, make_train_scheduler,
                            schedule_of, scheduler_config, shift_times)
 from ldm.infer import Pipeline, generate, load_pipeline
@@ -25,6 +24,7 @@ from ldm.losses import diffusion_loss
 from ldm.models.presets import unet_config, vae_config
 from ldm.sampling import (FLOW_SCHEDULERS, Inpainting, add_noise, denoise, make_scheduler, predicted_x0, samplers_for,
                           seeded_generators)
+from ldm.train.encode import EncodeConfig, encode_dataset
 from ldm.train.ldm import LDMTrainConfig, train_ldm
 
 FLOW = scheduler_config(NoiseConfig(objective="flow", shift=2.0))

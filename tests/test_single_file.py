@@ -1,5 +1,6 @@
-"""A single-file SD checkpoint where a diffusers directory is expected (ldm.models.single_file):
-imported once per file version, under a lock, and refused with a way out when pickled."""
+"""A single-file SD checkpoint where a diffusers directory is expected (ldm.single_file):
+imported once per file version, under a lock, resolved at a stage's entry (the models layer reads
+directories only), and refused with a way out when pickled."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from ldm.config import ConfigError
 from ldm.export import export_single_file
 from ldm.infer import main as infer_main
 from ldm.models.presets import unet_config, vae_config
-from ldm.models.single_file import imported_dir, model_dir, model_path_problem
-from ldm.models.text import TEXT_PRESETS, build_tokenizer
-from ldm.models.unet import UNetModelConfig, finetune_source, load_unet
+from ldm.models.conditioning import TextEncoderConfig
+from ldm.models.text import TEXT_PRESETS, build_tokenizer, load_text_encoder
+from ldm.models.unet import UNetModelConfig, load_unet
 from ldm.models.vae import VAEModelConfig, load_vae
+from ldm.single_file import imported_dir, model_dir, model_path_problem, resolve_models
+from ldm.train.encode import EncodeConfig
+from ldm.train.ldm import finetune_source
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,7 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_each_loader_reads_the_file_as_its_directory_importing_it_once(checkpoint, imports, tmp_path):
     pipeline, file = checkpoint
     for load in (load_unet, load_vae):
-        ours, theirs = state(load(file)), state(load(pipeline))
+        ours, theirs = state(load(model_dir(file))), state(load(pipeline))
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     source = finetune_source(file)
     assert (source.path, source.vae, source.text_encoder) == (str(file), str(file), str(file))
@@ -118,3 +122,18 @@ def test_infer_exports_a_single_file_as_a_diffusers_directory(checkpoint, tmp_pa
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     with pytest.raises(SystemExit, match="not a single file"):
         infer_main([str(pipeline), "--export-diffusers", str(tmp_path / "again")])
+
+
+def test_the_models_layer_refuses_a_file_and_a_stage_resolves_it_once(checkpoint, imports):
+    """Loaders read directories only (a file is refused, naming it and the way out); a stage's
+    config is resolved at its entry, in a copy: the config it saves keeps the file's path."""
+    pipeline, file = checkpoint
+    for load in (load_unet, load_vae, load_text_encoder):
+        with pytest.raises(ValueError, match=rf"{load.__name__}: .*{file.name} is a single-file checkpoint.*model_dir"):
+            load(file)
+    assert not imports  # refused before anything was imported
+    cfg = EncodeConfig(vae=str(file), text=TextEncoderConfig(encoder=str(file)))
+    models = resolve_models(cfg, "vae", "text.encoder")
+    assert models.vae == models.text.encoder == str(model_dir(file)) and imports == [file.resolve()]
+    assert cfg.vae == cfg.text.encoder == str(file)
+    assert resolve_models(EncodeConfig(vae=str(pipeline)), "vae", "text.encoder").vae == str(pipeline)  # text: None

@@ -216,7 +216,7 @@ def test_heldout_folder_inside_or_beside_the_source(tmp_path):
     (["data.eval_fraction=1.5"], "data.eval_fraction must be in"),
 ])
 def test_conflicting_split_settings_are_refused(overrides, names):
-    from ldm.data.cache import EncodeConfig
+    from ldm.train.encode import EncodeConfig
 
     with pytest.raises(ConfigError, match=names):
         load_config(EncodeConfig, None, ["data.source.kind=imagefolder", "data.source.path=x", *overrides])
@@ -235,7 +235,8 @@ def test_cache_manifest_records_the_split_and_refuses_another(sorted_folder, tmp
     import torch
     from diffusers import AutoencoderKL
 
-    from ldm.data.cache import CacheMismatchError, EncodeConfig, encode_dataset, open_cache
+    from ldm.data.cache import CacheMismatchError, open_cache
+    from ldm.train.encode import EncodeConfig, encode_dataset
     from ldm.models.presets import vae_config
 
     torch.manual_seed(0)

@@ -10,10 +10,11 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from ldm.config import load_config
+from ldm.data.cache import open_cache
 from ldm.data.shapes import is_excluded, parse_caption
-from ldm.data.cache import EncodeConfig, encode_dataset, open_cache
 from ldm.demo import run_demo
 from ldm.infer import generate, load_pipeline
+from ldm.train.encode import EncodeConfig, encode_dataset
 from ldm.train.ldm import LDMTrainConfig, train_ldm
 from ldm.train.vae import VAETrainConfig, train_vae
 

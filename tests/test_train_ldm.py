@@ -21,16 +21,17 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import ldm.train.ldm as stage3
 from ldm.cli import train_ldm_main
 from ldm.config import ConfigError, load_config
-from ldm.data.cache import CacheMismatchError, EncodeConfig, LatentCache, encode_dataset, open_cache
+from ldm.data.cache import CacheMismatchError, LatentCache, open_cache
 from ldm.export import export_single_file
 from ldm.infer import load_pipeline
 from ldm.infer import main as infer_main
 from ldm.models.conditioning import load_text
 from ldm.models.presets import unet_config, vae_config
-from ldm.models.single_file import model_dir
 from ldm.models.text import TEXT_PRESETS, build_tokenizer, encode_prompts
 from ldm.models.unet import UNetModelConfig, build_unet
+from ldm.single_file import model_dir
 from ldm.train.common import lr_lambda, sample_generators
+from ldm.train.encode import EncodeConfig, encode_dataset
 from ldm.train.ldm import LDMTrainConfig, conditioning, size_batches, train_ldm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,6 +183,17 @@ def test_a_tiny_model_learns(cache_dir, vae_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- fine-tuning
+
+
+def test_a_vae_re_exported_with_another_shift_is_refused_before_the_run_starts(cache_dir, vae_dir, tmp_path):
+    """Same weights (same hash), another latent shift: training would scale latents with the
+    cache's and decode samples with the VAE's; refused with both values, before the run dir exists."""
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.register_to_config(shift_factor=0.5)
+    vae.save_pretrained(tmp_path / "vae")
+    with pytest.raises(CacheMismatchError, match=r"shift_factor: cache has 0\.0, run expects 0\.5"):
+        train_ldm(ldm_cfg(tmp_path / "run", cache_dir, vae=tmp_path / "vae"))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")

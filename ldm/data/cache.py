@@ -6,7 +6,7 @@ Layout of a cache directory:
     encoding.json             the settings of an encode in progress (removed when it completes)
     train-00000.safetensors   shard k: records [k * shard_size, (k + 1) * shard_size) of the split
     eval-00000.safetensors    held-out records (chosen by key hash, ldm.data.split), same format
-    text.safetensors          optional (EncodeConfig.text): the text encoder's output per caption
+    text.safetensors          optional (ldm.train.encode.EncodeConfig.text): the text encoder's output per caption
     encode.jsonl              one line per shard written: process, records, seconds, images/s
 
 A shard holds, per latent size HxW (one size, or one per aspect bucket):
@@ -30,12 +30,16 @@ The manifest records the format version, the VAE weights' hash, its scaling and 
 resolution, bucket, crop and flip settings, the source and a fingerprint of its files, the
 held-out split (`split`: its rule and settings, the number of held-out keys and a SHA-256 of
 them, see ldm.data.split), the encode precision, the shard size and the counts.
-`open_cache(..., expect=...)` refuses a cache that does not match the run and says what
-differs; an encode refuses to add to a directory made with other settings unless
-overwrite=true, and refuses to hold out other images than the VAE's run did (ldm.data.split). Shards are written atomically (temp file + rename),
-and an interrupted encode resumes by skipping the shards that exist. With several processes
-(accelerate launch) process r encodes the shards k with k % world == r; a shard's batches depend
-on its own records only, so the result is the same as one process's.
+
+This module is the format's one owner: its writers (`prepare_dir`, `write_shard`,
+`write_text_embeddings`, `write_manifest`, all atomic: ldm.atomic) and its one reader
+(`read_manifest`, `open_cache`), which refuses another version, a missing file or key, and, with
+`expect=...`, a cache that does not match the run, naming each key with both values. Stage 3
+checks the VAE it decodes with (`vae_identity`: weights hash, scaling_factor, shift_factor), so the
+one latent scale that scales its training latents is the one that decodes its samples. The
+encoding loop, stage 2, is `ldm.train.encode`: an encode refuses to add to a directory made with
+other settings unless overwrite=true, refuses to hold out other images than the VAE's run did
+(ldm.data.split), and an interrupted one resumes by skipping the shards that exist.
 """
 
 from __future__ import annotations
@@ -47,88 +51,59 @@ import json
 import math
 import mmap
 import os
-import queue
-import threading
-import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save
 
-from ldm.config import ConfigError, require
-from ldm.data.captions import CaptionConfig
-from ldm.data.images import DataConfig, iter_prepared, plan_split
-from ldm.data.sources import DataReport, SourceConfig
-from ldm.data.split import HeldOut, upstream_split_problem
-from ldm.models.conditioning import TextEncoderConfig
+from ldm.atomic import TMP_GLOB, write_atomic
+from ldm.data.images import DataConfig, plan_split
+from ldm.data.sources import SourceConfig
+from ldm.data.split import HeldOut
+from ldm.models.vae import downsample_factor, latent_scale, weights_hash
 from ldm.safetensors_io import open_safetensors, unreadable_safetensors
 
 FORMAT = "ldm-latent-cache"
 VERSION = 3  # 2: source fingerprint, encode precision, optional text.safetensors; 3: held out by key hash, `split`
 MANIFEST, PENDING, TEXT_FILE, LOG_FILE = "manifest.json", "encoding.json", "text.safetensors", "encode.jsonl"
 SPLITS = ("train", "eval")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PREFETCH = 64  # prepared images the reading thread may run ahead of the VAE
-
-
-@dataclasses.dataclass
-class EncodeConfig:
-    vae: str = "runs/vae/vae"        # AutoencoderKL dir (stage 1 output) or an SD pipeline dir
-    out_dir: str = "runs/latents"    # the cache directory
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    text: TextEncoderConfig | None = None  # set: also cache this (frozen) text encoder's output per unique caption
-    shard_size: int = 1024           # records per shard (the unit of atomic write and resume)
-    batch_size: int = 32             # images per VAE forward (with flip, each goes in twice: as is and mirrored)
-    dtype: str = "auto"              # auto (bf16 on CUDA, else fp32) | fp32 | bf16 | fp16
-    overwrite: bool = False          # true: delete a cache made with other settings; false: refuse
-
-    def validate(self) -> None:
-        require(self.data.captions == CaptionConfig(),
-                "data.captions: the cache keeps captions as they are; shuffle tags or add a prefix in stage 3, "
-                "whose captions.* settings apply them as it trains")
-        require(self.shard_size > 0, "shard_size must be > 0")
-        require(self.batch_size > 0, "batch_size must be > 0")
-        require(self.dtype == "auto" or self.dtype in DTYPES, f"dtype {self.dtype!r} is not auto|{'|'.join(DTYPES)}")
+REQUIRED = ("format", "version", "vae_hash", "scaling_factor", "shift_factor", "latent_channels", "transform", "splits")
 
 
 class CacheMismatchError(ValueError):
     """The cache on disk was made by another VAE or other settings than this run expects."""
 
 
-def resolve_dtype(name: str, device: torch.device) -> str:
-    """The encode precision's name: `auto` is bf16 on CUDA (fast, and safe for the VAE encoder), else fp32."""
-    if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return name
+def vae_identity(vae) -> dict:
+    """What a cache records of the VAE that encoded it, and what stage 3 checks against the VAE it
+    decodes with (`open_cache(expect=...)`): the weights' hash, and the latent scale and shift, the
+    one scale that both scales training latents (`LatentCache.latents`) and decodes samples
+    (`ldm.sampling.decode_latents`). The hash alone would pass a VAE re-exported with another scale."""
+    scale, shift = latent_scale(vae)
+    return {"vae_hash": weights_hash(vae), "scaling_factor": scale, "shift_factor": shift}
 
 
-def expected_manifest(cfg: EncodeConfig, vae, dtype: str = "fp32", heldout: HeldOut | None = None) -> dict:
+def expected_manifest(data: DataConfig, shard_size: int, vae, dtype: str = "fp32", heldout: HeldOut | None = None) -> dict:
     """The fields that must match between a cache and the encode that adds to it.
 
     `split` is the held-out set's record (ldm.data.split); for a stream, whose held-out keys are
     known only after a pass, just its rule and settings (the manifest gets the full record).
     """
-    from ldm.models.vae import downsample_factor, latent_scale, weights_hash
-
-    scale, shift = latent_scale(vae)
-    split = (heldout if heldout is not None else plan_split(cfg.data)).record()
+    split = (heldout if heldout is not None else plan_split(data)).record()
     return {
         "format": FORMAT,
         "version": VERSION,
-        "vae_hash": weights_hash(vae),
-        "scaling_factor": scale,
-        "shift_factor": shift,
+        **vae_identity(vae),
         "downsample_factor": downsample_factor(vae),
         "latent_channels": int(vae.config.latent_channels),
-        "transform": dataclasses.asdict(cfg.data.transform),
-        "source": dataclasses.asdict(cfg.data.source),
-        "source_fingerprint": source_fingerprint(cfg.data.source),
+        "transform": dataclasses.asdict(data.transform),
+        "source": dataclasses.asdict(data.source),
+        "source_fingerprint": source_fingerprint(data.source),
         "split": {k: v for k, v in split.items() if v is not None},
-        "max_images": cfg.data.max_images,
-        "shard_size": cfg.shard_size,
+        "max_images": data.max_images,
+        "shard_size": shard_size,
         "encode_dtype": dtype,
     }
 
@@ -176,71 +151,20 @@ def describe_mismatch(found: dict, expected: dict) -> list[str]:
 
 def text_identity(text_encoder, tokenizer, clip_skip: int) -> dict:
     """What fixes a caption's embedding: the encoder's weights, the layer taken, the padding."""
-    from ldm.models.vae import weights_hash
-
     return {"encoder_hash": weights_hash(text_encoder), "clip_skip": clip_skip,
             "pad_token": tokenizer.pad_token, "max_length": tokenizer.model_max_length}
 
 
-def _shard_name(split: str, k: int) -> str:
+def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:05d}.safetensors"
 
 
-# ----------------------------------------------------------------------------- writing
+# ----------------------------------------------------------------------------- writing (ldm.train.encode calls these)
 
 
-def encode_dataset(cfg: EncodeConfig, accelerator=None) -> Path:
-    """Encode the train and eval splits into the cache at cfg.out_dir; resumes; one or many processes."""
-    from accelerate import Accelerator
-
-    from ldm.models.vae import load_vae
-
-    accelerator = accelerator or Accelerator()
-    out_dir = Path(cfg.out_dir)
-    dtype = resolve_dtype(cfg.dtype, accelerator.device)
-    vae = load_vae(cfg.vae).eval().requires_grad_(False)
-    # important: the hash is taken before the cast, so it is the hash of the weights stage 3 loads
-    heldout = plan_split(cfg.data)  # one plan for both passes: a stream's held-out keys are collected as they pass
-    expected = expected_manifest(cfg, vae, dtype, heldout)
-    # the VAE's run (vae=<run>/vae): stage 3 must not evaluate on images the VAE trained on
-    problem = upstream_split_problem(Path(cfg.vae).parent, expected["source"], expected["split"], "this encode")
-    if problem:
-        raise ConfigError(problem)
-    vae = _for_encoding(vae, accelerator.device, DTYPES[dtype])
-
-    if accelerator.is_main_process:
-        _prepare_dir(out_dir, expected, cfg.overwrite)
-    accelerator.wait_for_everyone()
-    # Every process reads the whole source (a record's index counts the usable records before
-    # it), so the main process's report alone is complete: merging would count each item N times.
-    report = DataReport()
-    counts = {split: _encode_split(cfg, vae, split, out_dir, accelerator, report, heldout) for split in SPLITS}
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        manifest = {**expected, "split": heldout.record(), "splits": _check_shards(out_dir, counts, cfg.shard_size),
-                    "report": report.to_dict(), "processes": accelerator.num_processes}
-        if cfg.text is not None:
-            manifest["text"] = _cache_text(cfg.text, out_dir, manifest["splits"], cfg.batch_size, accelerator.device)
-        _write_json_atomic(out_dir / MANIFEST, manifest)
-        (out_dir / PENDING).unlink(missing_ok=True)
-        print(f"latent cache: {counts['train']} train + {counts['eval']} eval images in {out_dir}")
-        print(report.summary())
-    accelerator.wait_for_everyone()
-    return out_dir
-
-
-def _for_encoding(vae, device: torch.device, dtype: torch.dtype):
-    vae = vae.to(device)
-    if dtype != vae.dtype:
-        vae = vae.to(dtype=dtype)
-    if device.type == "cuda":  # cuDNN's convolutions are faster in NHWC, above all in bf16
-        vae = vae.to(memory_format=torch.channels_last)
-    return vae
-
-
-def _prepare_dir(out_dir: Path, expected: dict, overwrite: bool) -> None:
+def prepare_dir(out_dir: Path, expected: dict, overwrite: bool) -> None:
     """Refuse (or with overwrite, clear) a directory holding a cache made otherwise; note what we encode."""
-    previous = next((json.loads(p.read_text()) for p in (out_dir / MANIFEST, out_dir / PENDING) if p.exists()), None)
+    previous = next((_read_json(p) for p in (out_dir / MANIFEST, out_dir / PENDING) if p.exists()), None)
     if previous is not None:
         diffs = describe_mismatch(previous, expected)
     else:
@@ -254,145 +178,29 @@ def _prepare_dir(out_dir: Path, expected: dict, overwrite: bool) -> None:
         for f in [*out_dir.glob("*.safetensors"), out_dir / MANIFEST, out_dir / LOG_FILE]:
             f.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for f in out_dir.glob(".tmp-*"):  # left by a killed encode; no other process writes yet
+    for f in out_dir.glob(TMP_GLOB):  # left by a killed encode; no other process writes yet
         f.unlink()
-    _write_json_atomic(out_dir / PENDING, expected)
+    write_atomic(out_dir / PENDING, json.dumps(expected, indent=1))
 
 
-def _encode_split(cfg: EncodeConfig, vae, split: str, out_dir: Path, accelerator, report: DataReport, heldout: HeldOut) -> int:
-    """Encode this process's missing shards of `split`; returns the split's record count."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    seen = 0
-
-    def mine_and_missing(index: int) -> bool:
-        nonlocal seen
-        seen = index + 1  # iter_prepared asks about every record of the split, in order
-        k = index // cfg.shard_size
-        return k % world == rank and not (out_dir / _shard_name(split, k)).exists()
-
-    desc = f"encode {split}" if accelerator.is_local_main_process else ""
-    shard, current = None, None
-    for index, image, captions, rid, meta in _prefetch(iter_prepared(cfg.data, split, report, mine_and_missing, desc, heldout), PREFETCH):
-        k = index // cfg.shard_size
-        if k != current:
-            if shard is not None:
-                shard.write(out_dir / _shard_name(split, current), rank)
-            shard, current = _Shard(vae, cfg.batch_size, cfg.data.transform.flip), k
-        shard.add(image, {"id": rid, "captions": captions, "meta": _jsonable(meta)})
-    if shard is not None:
-        shard.write(out_dir / _shard_name(split, current), rank)
-    return seen
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], records: list[dict]) -> None:
+    """One shard (module docstring), atomically: a killed encode never leaves half a file."""
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata={"records": json.dumps(records)}))
 
 
-def _prefetch(items: Iterator, depth: int) -> Iterator:
-    """Yield from `items` as produced by a background thread up to `depth` ahead.
-
-    Reading, decoding and resizing (PIL, on the CPU) then overlap the VAE's forward passes;
-    both PIL and torch release the GIL for their heavy work.
-    """
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    end = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                buffer.put(item)
-        except BaseException as err:  # noqa: BLE001 (handed to the consumer, which raises it)
-            buffer.put(err)
-        else:
-            buffer.put(end)
-
-    threading.Thread(target=produce, daemon=True, name="cache-reader").start()
-    while (item := buffer.get()) is not end:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+def write_text_embeddings(path: Path, embeddings: torch.Tensor, captions: list[str], identity: dict) -> None:
+    """text.safetensors (module docstring), atomically; `identity` is the encoder's (`text_identity`)."""
+    metadata = {"captions": json.dumps(captions), "identity": json.dumps(identity)}
+    write_atomic(path, save({"embeddings": embeddings.contiguous()}, metadata=metadata))
 
 
-class _Shard:
-    """One shard's records as they arrive, encoded a batch at a time per image size.
-
-    Only the posteriors stay in memory, not a shard of full-size images; and the batches are
-    fixed by the shard's own records, so any number of processes gives the same tensors.
-    """
-
-    def __init__(self, vae, batch_size: int, flip: bool):
-        self.vae, self.batch_size, self.flip = vae, batch_size, flip
-        self.records: list[dict] = []
-        self.waiting: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}  # image size -> (row, image)
-        self.parts: dict[str, list[torch.Tensor]] = {}  # "mean/HxW" -> encoded batches
-        self.t0 = time.time()
-
-    def add(self, image: torch.Tensor, record: dict) -> None:
-        size = tuple(image.shape[-2:])
-        self.waiting.setdefault(size, []).append((len(self.records), image))
-        self.records.append(record)
-        if len(self.waiting[size]) == self.batch_size:
-            self._encode(self.waiting.pop(size))
-
-    def _encode(self, batch: list[tuple[int, torch.Tensor]]) -> None:
-        rows, images = zip(*batch)
-        x = torch.stack(images)
-        if self.flip:  # both mirror images in one forward pass
-            x = torch.cat([x, x.flip(-1)])
-        mean, std = _posterior(self.vae, x)
-        n, key = len(rows), f"{mean.shape[-2]}x{mean.shape[-1]}"
-        fields = {"mean": mean[:n], "std": std[:n], "index": torch.tensor(rows, dtype=torch.int64)}
-        if self.flip:
-            fields |= {"flip_mean": mean[n:], "flip_std": std[n:]}
-        for field, tensor in fields.items():
-            self.parts.setdefault(f"{field}/{key}", []).append(tensor)
-
-    def write(self, path: Path, rank: int) -> None:
-        """Encode what waits, write the shard atomically, and log its throughput."""
-        for size in list(self.waiting):
-            self._encode(self.waiting.pop(size))
-        tensors = {name: torch.cat(parts) for name, parts in self.parts.items()}
-        _save_atomic(path, tensors, {"records": json.dumps(self.records)})
-        seconds = time.time() - self.t0
-        line = {"shard": path.name, "process": rank, "records": len(self.records), "seconds": round(seconds, 3),
-                "images_per_s": round(len(self.records) / max(seconds, 1e-9), 2)}
-        with open(path.parent / LOG_FILE, "a") as f:  # one short append per line: whole lines with many writers
-            f.write(json.dumps(line) + "\n")
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    """The manifest, written last: its presence means the cache is complete."""
+    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    (out_dir / PENDING).unlink(missing_ok=True)
 
 
-@torch.no_grad()
-def _posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The posterior's mean and std, float16 on the CPU (the cache's storage type)."""
-    param = next(vae.parameters())
-    x = images.to(device=param.device, dtype=param.dtype)
-    if param.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    dist = vae.encode(x).latent_dist
-    return dist.mean.half().cpu(), dist.std.half().cpu()
-
-
-def _jsonable(meta: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()}
-
-
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file under a temporary name, then rename it into place.
-
-    Bytes through open() rather than save_file(), whose files are private (0600) whatever the
-    umask: a cache on shared storage must be readable by the other users of the cluster.
-    """
-    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)  # important: atomic; a killed encode never leaves half a file
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def _check_shards(out_dir: Path, counts: dict[str, int], shard_size: int) -> dict:
+def check_shards(out_dir: Path, counts: dict[str, int], shard_size: int) -> dict:
     """Each split's shards, checked against the record counts the source gives now.
 
     A shard left by an encode of a source that has changed since (records added or removed
@@ -402,7 +210,7 @@ def _check_shards(out_dir: Path, counts: dict[str, int], shard_size: int) -> dic
     """
     splits = {}
     for split, count in counts.items():
-        names = [_shard_name(split, k) for k in range(math.ceil(count / shard_size))]
+        names = [shard_name(split, k) for k in range(math.ceil(count / shard_size))]
         found = sorted(p.name for p in out_dir.glob(f"{split}-*.safetensors"))
         if found != names:
             raise CacheMismatchError(
@@ -410,7 +218,7 @@ def _check_shards(out_dir: Path, counts: dict[str, int], shard_size: int) -> dic
                 f"found {len(found)} ({', '.join(sorted(set(found) ^ set(names))[:4])} differ): the source "
                 "changed since they were written; re-encode with overwrite=true")
         for k, name in enumerate(names):
-            held, want = len(_records(out_dir / name)), min(shard_size, count - k * shard_size)
+            held, want = len(shard_records(out_dir / name)), min(shard_size, count - k * shard_size)
             if held != want:
                 raise CacheMismatchError(
                     f"{out_dir / name} holds {held} records where the source now gives {want}: the source "
@@ -419,27 +227,8 @@ def _check_shards(out_dir: Path, counts: dict[str, int], shard_size: int) -> dic
     return splits
 
 
-def _cache_text(cfg: TextEncoderConfig, out_dir: Path, splits: dict, batch_size: int, device: torch.device) -> dict:
-    """Encode every unique caption of the cache, and "", once; returns the manifest's `text` entry."""
-    from ldm.models.conditioning import load_text
-    from ldm.models.text import encode_prompts
-
-    text_encoder, tokenizer = load_text(cfg)
-    identity = text_identity(text_encoder, tokenizer, cfg.clip_skip)
-    captions = sorted({""} | {c for split in splits.values() for name in split["shards"]
-                              for record in _records(out_dir / name) for c in record["captions"]})
-    path = out_dir / TEXT_FILE
-    if _text_file_header(path) != (captions, identity):  # else a resumed encode already wrote it
-        text_encoder.to(device)
-        with torch.no_grad():
-            chunks = [encode_prompts(text_encoder, tokenizer, captions[s : s + batch_size], clip_skip=cfg.clip_skip).half().cpu()
-                      for s in range(0, len(captions), batch_size)]
-        _save_atomic(path, {"embeddings": torch.cat(chunks)},
-                     {"captions": json.dumps(captions), "identity": json.dumps(identity)})
-    return {**identity, "file": TEXT_FILE, "count": len(captions)}
-
-
-def _text_file_header(path: Path) -> tuple[list[str], dict] | None:
+def text_file_header(path: Path) -> tuple[list[str], dict] | None:
+    """(captions, encoder identity) of an existing text.safetensors, or None."""
     if not path.exists():
         return None
     with open_safetensors(path) as f:
@@ -447,7 +236,7 @@ def _text_file_header(path: Path) -> tuple[list[str], dict] | None:
     return json.loads(meta["captions"]), json.loads(meta["identity"])
 
 
-def _records(path: Path) -> list[dict]:
+def shard_records(path: Path) -> list[dict]:
     with open_safetensors(path) as f:
         return json.loads(f.metadata()["records"])
 
@@ -586,31 +375,55 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.require(array, requirements=["C", "W"]))  # copies a view of the (read-only) map
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CacheMismatchError(f"{path}: not JSON ({err}); re-encode (overwrite=true)") from None
+
+
 def read_manifest(cache_dir: str | Path) -> dict:
+    """The manifest of the cache at `cache_dir`, checked: a missing manifest, another format or
+    version, or a missing key is an error that names the file (and the key).
+
+    A cache of another version (1, 2) is refused: re-encode it. VERSION has been 3 since the
+    held-out split is chosen by key hash; a change to what the manifest or shards hold bumps it.
+    """
     path = Path(cache_dir) / MANIFEST
     if not path.exists():
         hint = (" (an encode was interrupted: run the encode command again to finish it)"
                 if (Path(cache_dir) / PENDING).exists() else "")
-        raise FileNotFoundError(f"no latent cache at {cache_dir}: manifest.json is missing{hint}")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"no latent cache at {cache_dir}: {path} is missing{hint}")
+    manifest = _read_json(path)
+    reencode = "re-encode it (python encode.py --config ... overwrite=true)"
+    for key, want in (("format", FORMAT), ("version", VERSION)):
+        if manifest.get(key) != want:
+            raise CacheMismatchError(f"{path}: key {key!r} is {manifest.get(key, '<missing>')!r}; this ldm reads "
+                                     f"{FORMAT} version {VERSION} caches: {reencode}")
+    missing = [key for key in REQUIRED if key not in manifest]
+    if missing:
+        raise CacheMismatchError(f"{path}: key {missing[0]!r} is missing; {reencode}")
+    return manifest
 
 
 def open_cache(cache_dir: str | Path, split: str = "train", expect: dict | None = None) -> LatentCache:
-    """Open a split (memory-mapped); with `expect` (e.g. {"vae_hash": ...}), refuse a cache that differs."""
+    """Open a split (memory-mapped); with `expect` (e.g. `vae_identity(vae)`), refuse a cache that
+    differs, naming each key with both values."""
     manifest = read_manifest(cache_dir)
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise CacheMismatchError(
-            f"{cache_dir}: not a {FORMAT} v{VERSION} cache (found {manifest.get('format')!r} "
-            f"v{manifest.get('version')!r}); re-encode it (python encode.py --config ... overwrite=true)")
     if expect:
         diffs = describe_mismatch(manifest, expect)
         if diffs:
             raise CacheMismatchError(
-                f"the latent cache {cache_dir} does not match this run:\n  " + "\n  ".join(diffs)
+                f"the latent cache {cache_dir} does not match this run ({Path(cache_dir) / MANIFEST}):\n  "
+                + "\n  ".join(diffs)
                 + "\nRe-encode it for this VAE and these settings (python encode.py --config ... overwrite=true), "
                 "or point the run at the matching cache.")
     if split not in manifest["splits"]:
         raise ValueError(f"split {split!r} is not in the cache at {cache_dir}; it has {sorted(manifest['splits'])}")
+    for name in manifest["splits"][split]["shards"]:
+        if not (Path(cache_dir) / name).is_file():
+            raise FileNotFoundError(f"{Path(cache_dir) / name} is missing: {Path(cache_dir) / MANIFEST} lists it "
+                                    f"(key 'splits.{split}.shards'); re-encode (overwrite=true)")
     groups: dict[str, dict] = {}
     captions, ids = [], []
     for name in manifest["splits"][split]["shards"]:

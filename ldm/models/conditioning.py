@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ldm.config import ConfigError, require
-from ldm.models.single_file import model_path_problem
+from ldm.models.paths import model_path_problem
 from ldm.models.text import (EOS_TOKEN, TEXT_PRESETS, build_text_encoder, build_tokenizer, load_openclip_text_encoder,
                              load_text_encoder, openclip_model_config)
 

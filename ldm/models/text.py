@@ -29,7 +29,7 @@ import torch
 from open_clip.tokenizer import bytes_to_unicode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.models import single_file
+from ldm.models.paths import directory_only
 from ldm.safetensors_io import load_safetensors
 
 BOS_TOKEN = "<|startoftext|>"
@@ -149,11 +149,11 @@ def load_text_encoder(path: str | os.PathLike, pad_token: str = EOS_TOKEN
     """Load a frozen CLIPTextModel and its tokenizer from a local directory, never the hub.
 
     `path` is either a diffusers pipeline directory (with `text_encoder/` and usually
-    `tokenizer/`), an SD single file (read from where `ldm.models.single_file` imports it), or a
-    plain CLIPTextModel directory (`config.json` + weights). When no
+    `tokenizer/`) or a plain CLIPTextModel directory (`config.json` + weights); a stage resolves
+    an SD single file to its directory first (`ldm.single_file.resolve_models`). When no
     tokenizer is saved there, the offline one is built, padding with `pad_token`.
     """
-    root = single_file.model_dir(path)
+    root = directory_only(path, "load_text_encoder")
     model_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{root} is neither a pipeline directory with text_encoder/ nor a "

@@ -1,5 +1,4 @@
-"""Build or load the text-conditioned U-Net (diffusers' UNet2DConditionModel), and read what a
-directory to fine-tune from offers besides it.
+"""Build or load the text-conditioned U-Net (diffusers' UNet2DConditionModel).
 
 A fresh U-Net comes from a named preset (`ldm.models.presets.UNET_PRESETS`: tiny for tests,
 small for a GPU in minutes, sd15 and sd2 for the Stable Diffusion sizes), sized for the VAE's
@@ -10,14 +9,13 @@ Diffusion diffusers directory or of our own pipeline directory (or a bare U-Net 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from diffusers import UNet2DConditionModel
 
 from ldm.config import require
 from ldm.models.presets import UNET_PRESETS, unet_config
-from ldm.models.single_file import is_single_file, model_dir, model_path_problem
+from ldm.models.paths import directory_only, model_path_problem
 
 ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "attention_head_dim", "down_block_types",
                      "up_block_types", "transformer_layers_per_block", "norm_num_groups")
@@ -83,62 +81,10 @@ def downsampling(unet: UNet2DConditionModel) -> int:
 
 
 def load_unet(path: str | Path) -> UNet2DConditionModel:
-    path = model_dir(path)
+    """A UNet2DConditionModel directory, or the `unet/` of a Stable Diffusion pipeline directory."""
+    path = directory_only(path, "load_unet")
     if (path / "unet" / "config.json").exists():
         path = path / "unet"
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a UNet2DConditionModel directory (no config.json)")
     return UNet2DConditionModel.from_pretrained(path, local_files_only=True)
-
-
-@dataclasses.dataclass
-class FinetuneSource:
-    """What a directory (or single file) to fine-tune from offers besides its U-Net (None where it
-    has nothing).
-
-    A Stable Diffusion diffusers directory, or single file, has a VAE (`vae/`), a text encoder and tokenizer
-    (`text_encoder/`, `tokenizer/`) and the scheduler it was trained with (`scheduler/`); our own
-    pipeline directory has these too, plus `ldm.json` with the exact training schedule and the
-    CLIP layer used. A bare U-Net directory has none of it.
-    """
-
-    path: str
-    vae: str | None = None           # the path load_vae reads the pipeline's VAE from
-    text_encoder: str | None = None  # the path load_text_encoder reads the text encoder and tokenizer from
-    scheduler: dict | None = None    # the training scheduler's config
-    scheduler_file: str = ""         # where that config was read (named in messages)
-    clip_skip: int | None = None
-
-
-def finetune_source(path: str | Path) -> FinetuneSource:
-    """What `path` offers; each component is named by `path` itself, as the user gave it."""
-    if is_single_file(path):
-        return _single_file_source(path)
-    root = model_dir(path)
-    record = json.loads((root / "ldm.json").read_text()) if (root / "ldm.json").is_file() else {}
-    scheduler, scheduler_file = record.get("training_scheduler"), root / "ldm.json"
-    if scheduler is None and (root / "scheduler" / "scheduler_config.json").is_file():
-        scheduler, scheduler_file = json.loads((root / "scheduler" / "scheduler_config.json").read_text()), root / "scheduler"
-    if root != Path(path):
-        scheduler_file = Path(path)
-    return FinetuneSource(
-        path=str(path),
-        vae=str(path) if (root / "vae" / "config.json").is_file() else None,
-        text_encoder=str(path) if (root / "text_encoder" / "config.json").is_file() else None,
-        scheduler=scheduler,
-        scheduler_file=str(scheduler_file),
-        clip_skip=record.get("clip_skip"),
-    )
-
-
-def _single_file_source(path: str | Path) -> FinetuneSource:
-    """What a single file offers, from its header: loading a config (and `--dry-run`) must not
-    import a multi-GB checkpoint; training imports it when it first reads a model. Such a file
-    always holds a VAE and a text encoder."""
-    from ldm.export import single_file_configs
-
-    configs, files = single_file_configs(path)
-    record = json.loads(files.get("ldm.json", "{}"))
-    return FinetuneSource(path=str(path), vae=str(path), text_encoder=str(path),
-                          scheduler=record.get("training_scheduler") or configs["scheduler"],
-                          scheduler_file=str(path), clip_skip=record.get("clip_skip"))

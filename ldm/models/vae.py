@@ -1,9 +1,14 @@
-"""Build or load the KL-VAE (diffusers' AutoencoderKL) and measure its latent scale.
+"""Build or load the KL-VAE (diffusers' AutoencoderKL) and measure its latent scale; the VAE
+directory, stage 1's artifact, is written by `save_vae` and read by `load_vae`.
 
-The latent scale is measured on the training data after stage 1 and stored in the saved
-AutoencoderKL config (`scaling_factor`, `shift_factor`), instead of assuming SD's 0.18215:
-a different VAE, or the same one on different data, has a different latent variance, and
-the diffusion schedule assumes unit-variance latents (Rombach et al. 2022, sec. 4.3.2).
+The directory is diffusers' AutoencoderKL format as it is (config.json + safetensors weights;
+diffusers versions it), or the `vae/` of a pipeline directory. Ours is in the latent scale: it is
+measured on the training data after stage 1 and stored in the config (`scaling_factor`,
+`shift_factor`, read back by `latent_scale`), instead of assuming SD's 0.18215: a different VAE,
+or the same one on different data, has a different latent variance, and the diffusion schedule
+assumes unit-variance latents (Rombach et al. 2022, sec. 4.3.2). That config is the scale's one
+source of truth: a latent cache records a copy and is refused where the two differ
+(`ldm.data.cache.vae_identity`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from diffusers import AutoencoderKL
 
 from ldm.config import require
 from ldm.models.presets import VAE_PRESETS, vae_config
-from ldm.models.single_file import model_dir, model_path_problem
+from ldm.models.paths import directory_only, model_path_problem
 
 
 @dataclasses.dataclass
@@ -66,13 +71,20 @@ def build_vae(cfg: VAEModelConfig, resolution: int | None = None) -> Autoencoder
     return AutoencoderKL(**vae_config(cfg.preset, **overrides))
 
 
+def save_vae(vae: AutoencoderKL, path: str | Path, scale: float, shift: float) -> Path:
+    """Store the latent scale in the config and save the AutoencoderKL directory (safetensors)."""
+    set_latent_scale(vae, scale, shift)
+    vae.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
 def load_vae(path: str | Path) -> AutoencoderKL:
-    """An AutoencoderKL directory, or the `vae/` of a Stable Diffusion pipeline directory or single file."""
-    path = model_dir(path)
+    """An AutoencoderKL directory, or the `vae/` of a Stable Diffusion pipeline directory."""
+    path = directory_only(path, "load_vae")
     if (path / "vae" / "config.json").exists():
         path = path / "vae"
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not an AutoencoderKL directory (no config.json)")
+        raise FileNotFoundError(f"no AutoencoderKL at {path}: {path / 'config.json'} is missing (nor vae/config.json)")
     return AutoencoderKL.from_pretrained(path, local_files_only=True)
 
 

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from PIL import Image
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.config import config_json, require
@@ -43,7 +42,8 @@ from ldm.data.images import DataConfig, ImageStore, load_images
 from ldm.models.text import EOS_TOKEN, build_tokenizer, load_text_encoder, openclip_to_clip_text_model
 from ldm.safetensors_io import load_safetensors
 from ldm.train.common import (register_schedule, LoopConfig, batch_indices, lr_lambda,
-                              make_accelerator, make_optimizer, resume, save_checkpoint, start_run)
+                              make_accelerator, make_optimizer, resume, start_run)
+from ldm.train.loop import run_loop
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP paper sec. 2.5: the temperature is clipped so logits scale by <= 100
 
@@ -150,8 +150,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     # the batches it would have seen; so is the choice among an image's captions.
     batches = batch_indices(len(train_set), loop.batch_size, loop.seed, step)
 
-    progress = tqdm(total=loop.steps, initial=step, desc="clip", disable=not accelerator.is_local_main_process)
-    while step < loop.steps:
+    # --- the loop (ldm.train.loop.run_loop): each step, each retrieval evaluation, the export
+    def train_step(step: int) -> dict:
         model.train()
         indices = next(batches)
         rng = random.Random(f"{loop.seed}-{step}-{accelerator.process_index}")
@@ -168,22 +168,14 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
             with torch.no_grad():
                 clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress.update(1)
-        if step % loop.log_every == 0 or step == loop.steps:
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-            log.write(step, loss=loss.item(), logit_scale=clip.logit_scale.exp().item(),
-                      lr=sched.get_last_lr()[0], skipped=guard.total)
-        if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps and accelerator.is_main_process:
-            results = retrieval(*_features(clip, tokenizer, eval_set, cfg.retrieval_candidates))
-            log.write(step, **{f"eval/{k}": v for k, v in results.items()})
-        if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
-            save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
-    progress.close()
-    save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
+        return {"loss": loss.detach(), "logit_scale": clip.logit_scale.detach().exp(), "lr": sched.get_last_lr()[0]}
 
-    # --- export, then evaluate what was exported (so eval.json speaks for the files on disk)
-    if accelerator.is_main_process:
+    def evaluate(step: int) -> None:
+        results = retrieval(*_features(clip, tokenizer, eval_set, cfg.retrieval_candidates))
+        log.write(step, **{f"eval/{k}": v for k, v in results.items()})
+
+    def export(step: int) -> None:
+        """Export, then evaluate what was exported (so eval.json speaks for the files on disk)."""
         export_clip(clip, tokenizer, model_cfg, cfg, out_dir)
         scorer = load_clip_scorer(out_dir)
         results = evaluate_scorer(scorer, eval_set, cfg.retrieval_candidates)
@@ -191,8 +183,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
         results["split"] = eval_set.split  # which held-out images these figures come from
         (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
         print("clip eval:", json.dumps(results))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+
+    run_loop(accelerator, loop, out_dir, log, guard, step, "clip", train_step, evaluate, export)
     return out_dir
 
 

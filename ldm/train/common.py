@@ -2,11 +2,12 @@
 
 Checkpoints (`<out>/checkpoints/step-N/`) hold everything a resume needs (models, optimisers,
 LR schedule, EMA, every RNG, the step) through `accelerate`'s `save_state`. They are written
-to a temporary directory and renamed into place, so a kill or a full disk while saving leaves
-the previous checkpoint whole; at most `checkpoints_total_limit` are kept. Nothing in them is
-unpickled with more than `torch.load(weights_only=True)`: models are safetensors, and the objects
-registered with `accelerator.register_for_checkpointing` (EMA, LR schedule) are written by us as
-safetensors + JSON (`state-<i>.safetensors`, `state-<i>.json`), not as accelerate's pickles.
+to a temporary directory and renamed into place (`ldm.atomic.replace_dir`), so a kill or a full
+disk while saving leaves the previous checkpoint whole; at most `checkpoints_total_limit` are
+kept. Nothing in them is unpickled with more than `torch.load(weights_only=True)`: models are
+safetensors, and the objects registered with `accelerator.register_for_checkpointing` (EMA, LR
+schedule) are written by us as safetensors + JSON (`state-<i>.safetensors`, `state-<i>.json`),
+not as accelerate's pickles.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -30,6 +30,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils import load as accelerate_load
 from safetensors.torch import save_file
 
+from ldm.atomic import replace_dir
 from ldm.config import require, save_config
 from ldm.safetensors_io import load_safetensors
 
@@ -220,8 +221,7 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, limit: i
     if accelerator.is_main_process:
         # important: the marker is written last; a checkpoint without it is never resumed from.
         (tmp / "ldm_state.json").write_text(json.dumps({"step": step, **(extra or {})}))
-        _fsync_dir(tmp)
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)  # flushes every file first: a power cut cannot leave the marker without the data
         for old in list_checkpoints(out_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -232,36 +232,6 @@ def _remove_partial(root: Path) -> None:
     """Leftovers of an interrupted save (`.tmp-*`, `.old-*`): never complete, never resumed from."""
     for path in root.glob(".*-step-*"):
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Rename `new` to `final`. An existing `final` (the same step saved again) is moved aside by a
-    rename first, so a kill leaves no long window, as a recursive delete would, without it."""
-    aside = final.with_name(f".old-{final.name}")
-    if final.exists():
-        os.replace(final, aside)
-    os.replace(new, final)
-    _fsync_path(final.parent)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory's files and entries to disk, so a power cut after the rename cannot
-    leave a checkpoint that has its marker but not its data."""
-    for f in path.rglob("*"):
-        if f.is_file():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_path(path)
-
-
-def _fsync_path(path: Path) -> None:
-    """Make a rename inside directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def resume(accelerator: Accelerator, out_dir: Path, resume_from: str, limit: int) -> tuple[int, NonFiniteGuard]:

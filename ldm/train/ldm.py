@@ -8,7 +8,7 @@ config is loaded; the run prints what came from where.
 
 Output (`<out_dir>/`): `pipeline/` (StableDiffusionPipeline.save_pretrained: vae, unet with the
 EMA weights, text_encoder, tokenizer, scheduler with the training schedule, and `ldm.json`
-recording how it was trained), `samples/step-N.png` validation grids, `metrics.jsonl`,
+recording how it was trained: the format is ldm.pipeline's), `samples/step-N.png` validation grids, `metrics.jsonl`,
 `config.yaml` (resolved), `checkpoints/step-N/` for resume.
 """
 
@@ -23,11 +23,11 @@ from typing import Iterator, Literal
 
 import torch
 from diffusers import StableDiffusionPipeline
+from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from ldm.config import ConfigError, require, to_dict
-from ldm.data.cache import LatentCache, open_cache, text_identity
+from ldm.data.cache import LatentCache, open_cache, text_identity, vae_identity
 from ldm.data.captions import CaptionConfig, process_caption
 from ldm.data.split import upstream_split_problem
 from ldm.data.images import image_grid
@@ -38,16 +38,19 @@ from ldm.fast import FastConfig, apply_fast_paths
 from ldm.losses import diffusion_loss
 from ldm.models.conditioning import TextEncoderConfig, load_text
 from ldm.models.lora import LoRAConfig, add_lora, merge_lora, save_lora
-from ldm.models.single_file import model_path_problem
+from ldm.models.paths import is_single_file, model_path_problem
 from ldm.models.text import encode_prompts
-from ldm.models.unet import FinetuneSource, UNetModelConfig, build_unet, downsampling, finetune_source
-from ldm.models.vae import load_vae, weights_hash
+from ldm.models.unet import UNetModelConfig, build_unet, downsampling
+from ldm.models.vae import load_vae
+from ldm.pipeline import RECORD, read_record, record_from_files, save_pipeline
 from ldm.quality import (QualityEval, Stopwatch, check_run_history, check_spec, data_config_of_cache, default_features,
                          load_feature_network, real_images, summary_line)
 from ldm.sampling import DEFAULT_SAMPLERS, decode_latents, denoise, initial_noise, make_scheduler, seeded_generators
-from ldm.train.common import (LoopConfig, lr_lambda, make_accelerator, make_optimizer,
-                              register_schedule, resume, sample_generators, save_checkpoint, start_run, uniform)
-from ldm.train.vae import swapped_ema
+from ldm.single_file import resolve_models
+from ldm.train.common import (LoopConfig, NonFiniteGuard, lr_lambda, make_accelerator, make_optimizer,
+                              register_schedule, resume, sample_generators, start_run, uniform)
+from ldm.train.ema import make_ema, swapped_ema
+from ldm.train.loop import run_loop
 
 DEFAULT_VAE = "runs/vae/vae"  # stage 1's output under the default run directory
 
@@ -127,6 +130,57 @@ class LDMTrainConfig:
                 raise ConfigError(f"{key}: {err}") from None
 
 
+@dataclasses.dataclass
+class FinetuneSource:
+    """What a directory (or single file) to fine-tune from offers besides its U-Net (None where it
+    has nothing).
+
+    A Stable Diffusion diffusers directory, or single file, has a VAE (`vae/`), a text encoder and tokenizer
+    (`text_encoder/`, `tokenizer/`) and the scheduler it was trained with (`scheduler/`); our own
+    pipeline directory has these too, plus its record (ldm.pipeline) with the exact training
+    schedule and the CLIP layer used. A bare U-Net directory has none of it.
+    """
+
+    path: str
+    vae: str | None = None           # the path load_vae reads the pipeline's VAE from
+    text_encoder: str | None = None  # the path load_text_encoder reads the text encoder and tokenizer from
+    scheduler: dict | None = None    # the training scheduler's config
+    scheduler_file: str = ""         # where that config was read (named in messages)
+    clip_skip: int | None = None
+
+
+def finetune_source(path: str | Path) -> FinetuneSource:
+    """What `path` offers; each component is named by `path` itself, as the user gave it."""
+    if is_single_file(path):
+        return _single_file_source(path)
+    root = Path(path)
+    record = read_record(root)
+    scheduler, scheduler_file = record.get("training_scheduler"), root / RECORD
+    if scheduler is None and (root / "scheduler" / "scheduler_config.json").is_file():
+        scheduler, scheduler_file = json.loads((root / "scheduler" / "scheduler_config.json").read_text()), root / "scheduler"
+    return FinetuneSource(
+        path=str(path),
+        vae=str(path) if (root / "vae" / "config.json").is_file() else None,
+        text_encoder=str(path) if (root / "text_encoder" / "config.json").is_file() else None,
+        scheduler=scheduler,
+        scheduler_file=str(scheduler_file),
+        clip_skip=record.get("clip_skip"),
+    )
+
+
+def _single_file_source(path: str | Path) -> FinetuneSource:
+    """What a single file offers, from its header: loading a config (and `--dry-run`) must not
+    import a multi-GB checkpoint; training imports it when it first reads a model. Such a file
+    always holds a VAE and a text encoder."""
+    from ldm.export import single_file_configs
+
+    configs, files = single_file_configs(path)
+    record = record_from_files(files, path)
+    return FinetuneSource(path=str(path), vae=str(path), text_encoder=str(path),
+                          scheduler=record.get("training_scheduler") or configs["scheduler"],
+                          scheduler_file=str(path), clip_skip=record.get("clip_skip"))
+
+
 def fill_unset(cfg: LDMTrainConfig) -> None:
     """Fill the keys left unset: from model.pretrained where it has them, else the stage's defaults.
 
@@ -188,11 +242,15 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     out_dir = Path(cfg.out_dir)
     loop = cfg.train
     accelerator = make_accelerator(loop, out_dir)
-    # --- data: the latent cache must come from this VAE (checked before the run directory is
-    # made); each batch holds one latent size
-    vae = load_vae(cfg.vae)
-    cache = open_cache(cfg.cache, "train", expect={"vae_hash": weights_hash(vae)})
-    held_out = open_cache(cfg.cache, "eval")
+    # a single file given for a model is read from its imported directory (cfg keeps the file's path)
+    models = resolve_models(cfg, "vae", "model.pretrained", "text.encoder")
+    # --- data: the latent cache must come from this VAE, weights and latent scale (checked before
+    # the run directory is made), so the one scale scales training latents and decodes samples;
+    # each batch holds one latent size
+    vae = load_vae(models.vae)
+    identity = vae_identity(vae)
+    cache = open_cache(cfg.cache, "train", expect=identity)
+    held_out = open_cache(cfg.cache, "eval", expect=identity)
     check_clip_split(cfg.text.encoder, held_out.manifest)
     latent_hw = most_common_size(cache)
 
@@ -203,9 +261,9 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     device = accelerator.device
 
     # --- models: frozen text encoder, U-Net (fresh or fine-tuned), EMA
-    text_encoder, tokenizer = load_text(cfg.text)
+    text_encoder, tokenizer = load_text(models.text)
     text_encoder.to(device)
-    unet = build_unet(cfg.model, cache.manifest["latent_channels"], sample_size(latent_hw), text_encoder.config.hidden_size)
+    unet = build_unet(models.model, cache.manifest["latent_channels"], sample_size(latent_hw), text_encoder.config.hidden_size)
     check_latent_sizes(unet, cache)
     trainable = add_lora(unet, cfg.lora) if cfg.lora.rank else list(unet.parameters())  # what the optimiser and EMA see
     if cfg.gradient_checkpointing:
@@ -227,48 +285,25 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     step, guard = resume(accelerator, out_dir, cfg.resume, loop.max_nonfinite_steps)
     rank, world = accelerator.process_index, accelerator.num_processes
     batches = size_batches(cache.size_groups(), loop.batch_size, loop.seed, step * loop.grad_accum, rank, world)
-
-    progress = tqdm(total=loop.steps, initial=step, desc="unet", disable=not accelerator.is_local_main_process)
+    unet_step = UNetStep(cfg=cfg, accelerator=accelerator, cache=cache, unet=unet, trainable=trainable, optimizer=optimizer,
+                         noise_scheduler=noise_scheduler, text_encoder=text_encoder, tokenizer=tokenizer, empty=empty,
+                         use_cached_text=use_cached_text, guard=guard, ema=ema)
     unet.train()  # important: from_pretrained returns a model in eval mode, which would switch LoRA dropout off
-    while step < loop.steps:
-        losses = []
-        for micro in range(loop.grad_accum):
-            indices = next(batches)
-            # every random draw of a sample: the same on 1 or N processes (see sample_generators)
-            gen = sample_generators(loop.seed, step, micro, rank * len(indices), len(indices))
-            noisy, t, cond, target, weights = training_inputs(cfg, cache, indices, gen, noise_scheduler, device,
-                                                              text_encoder, tokenizer, empty, use_cached_text)
-            with accelerator.accumulate(unet):
-                pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-                loss = diffusion_loss(pred, target, weights)
-                if guard.ok(loss):
-                    accelerator.backward(loss)  # divided by grad_accum by accelerate
-                    if accelerator.sync_gradients and loop.max_grad_norm:
-                        accelerator.clip_grad_norm_(trainable, loop.max_grad_norm)
-                    optimizer.step()  # a no-op until the last micro-batch of the step
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+
+    # --- the loop (ldm.train.loop.run_loop): each step, each evaluation (EMA weights), the export
+    def train_step(step: int) -> dict:
+        loss = unet_step(step, batches)
         lr = lr_sched.get_last_lr()[0]  # the rate this step used
         lr_sched.step()  # important: once per optimiser step, not per micro-batch, or warm-up ends grad_accum x early
-        step += 1
-        if ema is not None:
-            ema.step(trainable)
-        progress.update(1)
-        if step % loop.log_every == 0 or step == loop.steps:
-            mean_loss = torch.stack(losses).float().mean().item()
-            progress.set_postfix(loss=f"{mean_loss:.4f}")
-            log.write(step, loss=mean_loss, lr=lr, skipped=guard.total)
-        if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps and accelerator.is_main_process:
-            with swapped_ema(ema, trainable):
-                validate(accelerator.unwrap_model(unet), noise_scheduler, step)
-        if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
-            save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
-    progress.close()
-    save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
+        return {"loss": loss, "lr": lr}
 
-    # --- export: the EMA weights, in a directory diffusers loads as it is (LoRA: merged into the
-    # U-Net, and the adapters alone in lora/ for load_lora_weights on the original model)
-    if accelerator.is_main_process:
+    def evaluate(step: int) -> None:
+        with swapped_ema(ema, trainable):
+            validate(accelerator.unwrap_model(unet), noise_scheduler, step)
+
+    def export(step: int) -> None:
+        """The EMA weights, in a directory diffusers loads as it is (LoRA: merged into the U-Net,
+        and the adapters alone in lora/ for load_lora_weights on the original model)."""
         final = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(trainable)
@@ -279,8 +314,8 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
             final = merge_lora(final)
         export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline",
                         split=held_out.manifest.get("split"))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+
+    run_loop(accelerator, loop, out_dir, log, guard, step, "unet", train_step, evaluate, export)
     return out_dir / "pipeline"
 
 
@@ -335,17 +370,6 @@ def check_latent_sizes(unet, cache: LatentCache) -> None:
                          f"encode with bucket_step a multiple of {factor} x the VAE's factor")
 
 
-def make_ema(params: list[torch.nn.Parameter], loop: LoopConfig, device) -> EMAModel | None:
-    """diffusers' EMAModel of the trained parameters; with warm-up its decay grows as
-    1 - (1 + step)^(-2/3) up to ema_decay, so the average forgets the random initialisation
-    quickly (Karras et al. 2024 discuss why)."""
-    if not loop.ema_decay:
-        return None
-    ema = EMAModel(params, decay=loop.ema_decay, use_ema_warmup=loop.ema_warmup)
-    ema.to(device)
-    return ema
-
-
 def training_inputs(cfg: LDMTrainConfig, cache: LatentCache, indices: list[int], gen, noise_scheduler, device,
                     text_encoder, tokenizer, empty: torch.Tensor, use_cached_text: bool):
     """One micro-batch's U-Net inputs: (noisy latents, timesteps, text conditioning, target, loss weights).
@@ -378,6 +402,55 @@ def conditioning(cfg: LDMTrainConfig, cache: LatentCache, indices: list[int], te
     cond = cond.to(device=empty.device, dtype=empty.dtype)
     drop = uniform(gen) < cfg.caption_dropout
     return torch.where(drop[:, None, None].to(cond.device), empty.expand_as(cond), cond)
+
+
+@dataclasses.dataclass(kw_only=True)
+class UNetStep:
+    """One optimiser step of stage 3: `grad_accum` micro-batches of the U-Net's loss, then the EMA.
+    The trainer's step, and the one bench/bench_train.py times. The fields stay fixed over a run."""
+
+    cfg: LDMTrainConfig
+    accelerator: Accelerator
+    cache: LatentCache
+    unet: torch.nn.Module               # as accelerate prepared it
+    trainable: list[torch.nn.Parameter]  # what the optimiser and the EMA see (LoRA: the adapters)
+    optimizer: torch.optim.Optimizer
+    noise_scheduler: object             # the training schedule (ldm.diffusion.make_train_scheduler)
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    empty: torch.Tensor                 # the empty prompt's embedding: a dropped caption's conditioning
+    use_cached_text: bool               # the cache holds this text encoder's embeddings
+    guard: NonFiniteGuard
+    ema: EMAModel | None = None
+
+    def __call__(self, step: int, batches: Iterator[list[int]]) -> torch.Tensor:
+        """Take optimiser step `step` on the next micro-batches of `batches`; the mean loss (0-d tensor)."""
+        loop, rank = self.cfg.train, self.accelerator.process_index
+        losses = []
+        for micro in range(loop.grad_accum):
+            indices = next(batches)
+            # every random draw of a sample: the same on 1 or N processes (see sample_generators)
+            gen = sample_generators(loop.seed, step, micro, rank * len(indices), len(indices))
+            losses.append(self.micro_batch(indices, gen))
+        if self.ema is not None:
+            self.ema.step(self.trainable)
+        return torch.stack(losses).float().mean()
+
+    def micro_batch(self, indices: list[int], gen: list[torch.Generator]) -> torch.Tensor:
+        accelerator, loop = self.accelerator, self.cfg.train
+        noisy, t, cond, target, weights = training_inputs(
+            self.cfg, self.cache, indices, gen, self.noise_scheduler, accelerator.device,
+            self.text_encoder, self.tokenizer, self.empty, self.use_cached_text)
+        with accelerator.accumulate(self.unet):
+            pred = self.unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+            loss = diffusion_loss(pred, target, weights)
+            if self.guard.ok(loss):
+                accelerator.backward(loss)  # divided by grad_accum by accelerate
+                if accelerator.sync_gradients and loop.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.trainable, loop.max_grad_norm)
+                self.optimizer.step()  # a no-op until the last micro-batch of the step
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
 
 # ----------------------------------------------------------------------------- validation and export
@@ -502,7 +575,8 @@ class Validator:
 
 def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, latent_hw: tuple[int, int], path: Path,
                     split: dict | None = None) -> None:
-    """A StableDiffusionPipeline directory that diffusers loads as it is, plus `ldm.json`.
+    """A StableDiffusionPipeline directory that diffusers loads as it is, plus its record ldm.json
+    (format: ldm.pipeline, which writes it).
 
     The scheduler saved is `sample_scheduler` configured with the training schedule (prediction
     type, betas, zero-terminal-SNR rescaling, timestep spacing; flow: the shift), so `from_pretrained`
@@ -514,10 +588,8 @@ def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, lat
     scheduler = make_scheduler(cfg.sample_scheduler, scheduler_config(cfg.noise))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(path, safe_serialization=True)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    info = {
-        "format": "ldm-pipeline", "version": 1,
+    record = {
         "objective": cfg.noise.objective,                    # diffusion or flow: which samplers fit (ldm.sampling)
         "caption_dropout": cfg.caption_dropout,
         "noise": to_dict(cfg.noise),
@@ -532,4 +604,4 @@ def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, lat
         "split": split,                                      # the held-out latents of val_loss (cache manifest)
         "train_config": to_dict(cfg),
     }
-    (path / "ldm.json").write_text(json.dumps(info, indent=2))
+    save_pipeline(pipe, path, record)

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from ldm.config import require
 from ldm.data.captions import CaptionConfig
@@ -24,10 +21,13 @@ from ldm.data.images import DataConfig, ImageStore, image_grid, load_images
 from ldm.losses import VAELoss, VAELossConfig
 from ldm.metrics import default_inception_path, reconstruction_metrics
 from ldm.models.vae import (VAEModelConfig, build_vae, downsample_factor, freeze_encoder, latent_scale,
-                            measure_latent_scale, set_latent_scale)
+                            measure_latent_scale, save_vae)
 from ldm.quality import check_run_history, check_spec, load_feature_network
+from ldm.single_file import resolve_models
 from ldm.train.common import (register_schedule, LoopConfig, batch_indices, lr_lambda,
-                              make_accelerator, make_optimizer, resume, save_checkpoint, start_run)
+                              make_accelerator, make_optimizer, resume, start_run)
+from ldm.train.ema import make_ema, swapped_ema
+from ldm.train.loop import run_loop
 
 
 @dataclasses.dataclass
@@ -101,8 +101,9 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
         features, features_name = network.image, network.identity
         check_run_history(out_dir / "metrics.jsonl", features_name, len(eval_set), "eval/", "features/data.eval_size")
 
-    # --- model, loss (logvar, LPIPS, discriminator), optimisers, EMA
-    vae = build_vae(cfg.model, cfg.data.transform.resolution)
+    # --- model (a single file to fine-tune: read from its imported directory), loss (logvar,
+    # LPIPS, discriminator), optimisers, EMA
+    vae = build_vae(resolve_models(cfg, "model.pretrained").model, cfg.data.transform.resolution)
     if cfg.model.train_decoder_only:
         freeze_encoder(vae)
     loss_fn = VAELoss(cfg.loss).to(accelerator.device)
@@ -120,9 +121,8 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
     ae, disc, opt_ae, opt_d = accelerator.prepare(ae, loss_fn.discriminator, opt_ae, opt_d)
     register_schedule(accelerator, sched)
     vae = accelerator.unwrap_model(ae).vae
-    ema = EMAModel(vae.parameters(), decay=loop.ema_decay, use_ema_warmup=loop.ema_warmup) if loop.ema_decay else None
+    ema = make_ema(vae.parameters(), loop, accelerator.device)
     if ema is not None:
-        ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     register_schedule(accelerator, d_sched)  # after the EMA: the objects keep their checkpoint indices
 
@@ -132,9 +132,8 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
                             accelerator.process_index, accelerator.num_processes)
     last_layer = vae.decoder.conv_out.weight
 
-    progress = tqdm(total=loop.steps, initial=step, desc="vae", disable=not accelerator.is_local_main_process)
-    while step < loop.steps:
-        logs = {}
+    # --- the loop (ldm.train.loop.run_loop): each step, each evaluation (EMA weights), the export
+    def train_step(step: int) -> dict:
         for _ in range(loop.grad_accum):
             x = random_crop(train_set.batch(next(batches)), cfg.crop_size, loop.seed, step).to(accelerator.device)
             # important: one accumulate() for both models; each call counts a micro-batch, so a
@@ -161,34 +160,27 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
         sched.step()  # important: once per optimiser step, not per micro-batch, or warm-up ends grad_accum x early
         if loss_fn.disc_active(step):
             d_sched.step()
-        step += 1
         if ema is not None:
             ema.step(vae.parameters())
-        progress.update(1)
-        if step % loop.log_every == 0 or step == loop.steps:
-            progress.set_postfix(rec=f"{logs['rec']:.4f}")
-            log.write(step, lr=sched.get_last_lr()[0], disc_lr=d_sched.get_last_lr()[0] if loss_fn.disc_active(step) else 0.0,
-                      skipped=guard.total, **logs)
-        # the main process alone: every rank would evaluate the same images and write the same files
-        if loop.eval_every and step % loop.eval_every == 0 and step < loop.steps and accelerator.is_main_process:
-            with swapped_ema(ema, vae.parameters()):
-                results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg, features, features_name)
-            log.write(step, **{f"eval/{k}": v for k, v in results.items()})
-        if loop.save_every and step % loop.save_every == 0 and step < loop.steps:
-            save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
-    progress.close()
-    save_checkpoint(accelerator, out_dir, step, loop.checkpoints_total_limit, guard.state())
+        # after the schedules stepped: the rates the next step uses (what stage 1 has always logged)
+        disc_lr = d_sched.get_last_lr()[0] if loss_fn.disc_active(step + 1) else 0.0
+        return {"lr": sched.get_last_lr()[0], "disc_lr": disc_lr, **logs}
 
-    # --- export: EMA weights, latent scale measured on training data, held-out evaluation
-    if accelerator.is_main_process:
-        final = vae
+    def evaluate(step: int) -> None:
+        with swapped_ema(ema, vae.parameters()):
+            results = evaluate_vae(vae, eval_set, out_dir / f"recon-{step:06d}.png", cfg, features, features_name)
+        log.write(step, **{f"eval/{k}": v for k, v in results.items()})
+
+    def export(step: int) -> None:
+        """The EMA weights, the latent scale measured on training data, the held-out evaluation."""
         if ema is not None:
-            ema.copy_to(final.parameters())
-        final.eval()
-        export_vae(final, train_set, eval_set, out_dir, cfg, features, features_name)
-        log.write(step, **{f"final/{k}": v for k, v in json.loads((out_dir / "eval.json").read_text()).items() if isinstance(v, (int, float))})
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+            ema.copy_to(vae.parameters())
+        vae.eval()
+        export_vae(vae, train_set, eval_set, out_dir, cfg, features, features_name)
+        final = json.loads((out_dir / "eval.json").read_text())
+        log.write(step, **{f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
+
+    run_loop(accelerator, loop, out_dir, log, guard, step, "vae", train_step, evaluate, export, shown="rec")
     return out_dir / "vae"
 
 
@@ -212,23 +204,6 @@ class Autoencode(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         posterior = self.vae.encode(x).latent_dist
         return posterior, self.vae.decode(posterior.sample()).sample
-
-
-class swapped_ema:
-    """Context manager: evaluate with the EMA weights, then put the training weights back.
-    `params` are the ones the EMA averages, in its order."""
-
-    def __init__(self, ema: EMAModel | None, params: Iterable[torch.nn.Parameter]):
-        self.ema, self.params = ema, list(params)
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
-
-    def __exit__(self, *exc):
-        if self.ema is not None:
-            self.ema.restore(self.params)
 
 
 @torch.no_grad()
@@ -261,8 +236,7 @@ def export_vae(vae, train_set: ImageStore, eval_set: ImageStore, out_dir: Path, 
     """Measure the latent scale on training images (a fine-tune keeps its own), store it in the
     config, save, evaluate."""
     scale, shift = export_latent_scale(vae, train_set, cfg)
-    set_latent_scale(vae, scale, shift)
-    vae.save_pretrained(out_dir / "vae", safe_serialization=True)
+    save_vae(vae, out_dir / "vae", scale, shift)
     results = evaluate_vae(vae, eval_set, out_dir / "recon-final.png", cfg, features, features_name)
     results.update(held_out_latent_stats(vae, eval_set))
     results.update(scaling_factor=scale, shift_factor=shift, downsample_factor=downsample_factor(vae))
@@ -285,7 +259,7 @@ def export_latent_scale(vae, train_set: ImageStore, cfg: VAETrainConfig) -> tupl
 @torch.no_grad()
 def held_out_latent_stats(vae, eval_set: ImageStore) -> dict:
     """Std (and mean) of held-out latents after the stored scaling: should be ~1 (and ~0)."""
-    scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    scale, shift = latent_scale(vae)
     device = next(vae.parameters()).device
     zs = [vae.encode(eval_set.batch(list(range(s, min(s + 32, len(eval_set))))).to(device)).latent_dist.sample()
           for s in range(0, len(eval_set), 32)]

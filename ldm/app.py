@@ -282,7 +282,7 @@ def status_line(s, short: bool = False) -> str:
     if short:
         return line
     if s.message:
-        line += f" ({s.message})"
+        line += f": {s.message}"
     return f"**{line}**  \n{s.settings.describe()}" if s.settings else f"**{line}**"
 
 

@@ -100,7 +100,7 @@ class ToySettings:
 
     data: str = SHAPES           # "shapes", or a folder of images (python -m ldm.data.prepare emoji OUT)
     schedule: str = "cosine"     # a key of SCHEDULES (ignored by objective flow, which has none)
-    objective: str = "epsilon"   # a key of OBJECTIVES
+    objective: str = "v_prediction"  # a key of OBJECTIVES (v: cleaner samples than epsilon after a few hundred steps)
     steps: int = 300             # optimiser steps
     lr: float = 2e-3             # AdamW learning rate, constant
     batch_size: int = 16         # images per step
@@ -253,7 +253,7 @@ def sample(unet: UNet2DModel, cfg: NoiseConfig, sampler: str, steps: int, seed: 
         unet.train(was_training)
     images = [_to_pil(image) for image in x]
     return dict(images=images, image=images[0], trajectory=trajectory, scheduler=sampler, steps=steps, seed=seed,
-                prompt="(unconditional)")
+                prompt="unconditional")
 
 
 @torch.no_grad()
@@ -427,7 +427,9 @@ class ToyTrainer:
         generator = torch.Generator().manual_seed(settings.seed)
         with self._model_lock:
             self._unet, self._noise, self._data = unet, cfg, data
-        self._set(state="running", message="")
+        with self._lock:
+            if self._status.state == "loading":   # not if Stop was pressed meanwhile
+                self._status.state, self._status.message = "running", ""
         # --- loop: one step of the stage-3 objective on pixels, a preview grid now and then
         for step in range(1, settings.steps + 1):
             if self._stop.is_set():
@@ -448,13 +450,12 @@ class ToyTrainer:
             if step == settings.steps or settings.preview_every and step % settings.preview_every == 0:
                 self._preview(step)
         # --- end: the model stays for sampling
-        stopped = self._stop.is_set()
         step = self.status().step
-        if stopped and self.status().preview_step != step and step:
-            self._preview(step)
+        stopped = step < settings.steps
+        if stopped and step and self.status().preview_step != step:
+            self._preview(step)   # the grid of the model as it was stopped
         self._set(state="stopped" if stopped else "done", seconds=time.monotonic() - self._started,
-                  message=f"stopped at step {step}/{settings.steps}; the model is kept" if stopped
-                  else f"done: {step} steps")
+                  message="the model is kept: sample it below" if stopped else "the model is ready: sample it below")
 
     def _preview(self, step: int) -> None:
         """A grid of PREVIEW_IMAGES samples, always from the same noise, so the learner sees the same

@@ -195,10 +195,12 @@ class TrainTab:
 
     def __init__(self, trainer: ToyTrainer, folders: list[str] = ()):
         self.trainer = trainer
-        self.folders = {Path(f).name or str(f): str(f) for f in folders}   # label -> path
-        for label, path in self.folders.items():
-            if label == SHAPES:
-                raise ValueError(f"--train-data {path}: a folder may not be called {SHAPES!r}")
+        self.folders: dict[str, str] = {}   # label (the folder's name) -> path
+        for folder in folders:
+            label = Path(folder).resolve().name
+            if label == SHAPES or label in self.folders:
+                raise ValueError(f"--train-data {folder}: another choice is already called {label!r}; rename the folder")
+            self.folders[label] = str(folder)
         self.data_choices = [SHAPES, *self.folders]
         self.samplers = [AUTO_SAMPLER, *SCHEDULERS]
         self._plot_key, self._plot = None, None   # the loss plot of (run, step), drawn once for every visitor

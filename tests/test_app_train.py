@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from conftest_app import tiny_pipeline_dir  # noqa: F401  (fixture)
 from PIL import Image
 from test_app_browser import (CHROMIUM_ARGS, TIMEOUT_MS, _free_port, _import_or_install, _wait_for_image,
@@ -199,6 +198,8 @@ def test_train_tab_in_plain_python(tmp_path):
     _save_images(folder, 4)
     tab = TrainTab(ToyTrainer(ToyLimits(max_steps=LONG)), [str(folder)])
     assert tab.data_choices == ["shapes", "emoji-32"]
+    with pytest.raises(ValueError, match="another choice is already called 'emoji-32'"):
+        TrainTab(ToyTrainer(), [str(folder), str(folder) + "/"])
     key, line, plot, grid, running = tab.poll()
     assert line.startswith("no training yet") and plot is None and grid is None and not running
     with pytest.raises(RequestError, match="unknown data '/etc'; choose one of shapes, emoji-32"):

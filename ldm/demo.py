@@ -26,7 +26,16 @@ from ldm.config import load_config
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 N_EVAL = 128  # prompts scored at the end (a steadier score than 64 gave)
 N_QUALITY = 200  # held-out captions and images of the FID/KID/retrieval figures on real data
-PREPARED = {"emoji": "prepare_emoji"}  # datasets that `python -m ldm.data.prepare NAME` makes, by folder name
+PREPARED = {"emoji": "prepare_emoji"}
+# `--heldout`: attribute combinations kept out of every stage's training data (issue #23), one of
+# each kind a text-to-image model must bind: a colour to a shape (both ways round: red circles and
+# blue stars stay in), a shape to a position, a colour to a background
+HELDOUT = [
+    {"color": "red", "shape": "star"},
+    {"color": "blue", "shape": "circle"},
+    {"shape": "triangle", "position": "left"},
+    {"color": "green", "background": "black"},
+]  # datasets that `python -m ldm.data.prepare NAME` makes, by folder name
 
 
 def run_stage(timings: dict, key: str, done: Path, fn) -> None:
@@ -52,14 +61,21 @@ def prepare_data(timings: dict, source) -> None:
               lambda: getattr(prepare, PREPARED[name])(path, size=int(size)))
 
 
-def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = N_EVAL, overrides: dict[str, list[str]] | None = None) -> dict:
+def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = N_EVAL, overrides: dict[str, list[str]] | None = None,
+             heldout: list[dict] | None = None) -> dict:
+    """Every stage of `preset` into `out`, then the scores. With `heldout` (shapes only), the
+    combinations it names are kept out of the CLIP's, the VAE's and the cache's data, and the
+    scores are those of `composition_adherence`: held-out combinations beside seen ones."""
     from ldm.data.cache import EncodeConfig, encode_dataset
     from ldm.infer import load_pipeline
     from ldm.train.clip import ClipTrainConfig, train_clip
     from ldm.train.ldm import LDMTrainConfig, train_ldm
     from ldm.train.vae import VAETrainConfig, train_vae
 
-    overrides = overrides or {}
+    overrides = {k: list(v) for k, v in (overrides or {}).items()}
+    if heldout:
+        for stage in ("clip", "vae", "encode"):
+            overrides.setdefault(stage, []).append(f"data.source.exclude={json.dumps(heldout)}")
     timings = {}
     clip_dir, vae_dir, cache_dir, ldm_dir = out / "clip", out / "vae", out / "latents", out / "ldm"
 
@@ -84,7 +100,9 @@ def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = N_EVAL, overri
     val = ldm_cfg.validation
     sampling = dict(scheduler=val.scheduler, steps=val.steps, guidance_scale=val.guidance_scale, batch_size=32)
     summary = {"timings_s": timings, "vae_eval": json.loads((vae_dir / "eval.json").read_text())}
-    if enc_cfg.data.source.kind == "shapes":
+    if heldout:
+        summary["composition"] = score_composition(pipe, heldout, out, n_eval, sampling)
+    elif enc_cfg.data.source.kind == "shapes":
         summary["adherence"] = score_shapes(pipe, out, n_eval, sampling)
     else:
         summary["quality"] = score_real(pipe, enc_cfg.data, clip_dir, out, n_eval, sampling)
@@ -106,6 +124,17 @@ def score_shapes(pipe, out: Path, n: int, sampling: dict) -> dict:
     return scores
 
 
+def score_composition(pipe, heldout: list[dict], out: Path, n: int, sampling: dict) -> dict:
+    """The analyzer's scores on each held-out combination (32 prompts each) and on `n` seen ones
+    (adherence.json, heldout-<i>-grid.png, seen-grid.png)."""
+    from ldm.evaluate import composition_adherence, format_composition
+
+    record = composition_adherence(pipe, heldout, n_seen=n, out_dir=out, **sampling)
+    print("\nprompt adherence, combinations held out of training against seen ones:\n" + format_composition(record))
+    print(f"grids: {out}/heldout-<i>-grid.png, {out / 'seen-grid.png'}")
+    return record
+
+
 def score_real(pipe, data, clip_dir: Path, out: Path, n: int, sampling: dict) -> dict:
     """FID/KID against the held-out images with the real-vs-real floor, and caption retrieval with
     the real images' ceiling, in the features of the CLIP trained on the captions (eval.json,
@@ -124,7 +153,12 @@ def main(argv=None) -> None:
                         "shapes_cpu, shapes_gpu, emoji_cpu, emoji_gpu")
     parser.add_argument("--n-eval", type=int, help=f"prompts scored at the end (default: {N_EVAL} on shapes, "
                         f"{N_QUALITY} held-out captions on a prepared dataset)")
+    parser.add_argument("--heldout", action="store_true", help="shapes: keep attribute combinations out of training "
+                        f"({'; '.join(', '.join(e.values()) for e in HELDOUT)}) and score them beside the seen ones")
     args = parser.parse_args(argv)
-    out = Path(args.out or ("runs/demo" if args.preset == "shapes_cpu" else f"runs/{args.preset}"))
+    if args.heldout and not args.preset.startswith("shapes"):
+        parser.error(f"--heldout needs a shapes preset (its analyzer reads the attributes back), not {args.preset}")
+    default = "runs/demo" if args.preset == "shapes_cpu" else f"runs/{args.preset}"
+    out = Path(args.out or (default + "-heldout" if args.heldout else default))
     n_eval = args.n_eval or (N_EVAL if args.preset.startswith("shapes") else N_QUALITY)
-    run_demo(out, args.preset, n_eval)
+    run_demo(out, args.preset, n_eval, heldout=HELDOUT if args.heldout else None)

@@ -34,14 +34,15 @@ from ldm.infer import Pipeline, generate
 
 
 def prompt_adherence(pipe: Pipeline, n: int = 64, seed: int = 0, exclude=(), out_dir: str | Path | None = None,
-                     **sampling) -> dict:
-    """Accuracy per attribute over `n` balanced single-object prompts (one image each).
+                     only=(), name: str = "adherence", **sampling) -> dict:
+    """Accuracy per attribute over `n` balanced single-object prompts (one image each), drawn
+    from the combinations that match none of `exclude` and, if given, one of `only`.
 
     `sampling` goes to `ldm.infer.generate` (scheduler, steps, guidance_scale, batch_size...).
-    With `out_dir`, writes `adherence.json` (with the scores of small and large objects apart)
-    and `adherence-grid.png` (prompt order).
+    With `out_dir`, writes `<name>.json` (with the scores of small and large objects apart)
+    and `<name>-grid.png` (prompt order).
     """
-    prompts = shapes.eval_prompts(n, seed=seed, exclude=exclude)
+    prompts = shapes.eval_prompts(n, seed=seed, exclude=exclude, only=only)
     texts = [text for text, _ in prompts]
     results = generate(pipe, texts, seeds=[seed * 100_000 + i for i in range(n)], **sampling)
     images = [r["image"] for r in results]
@@ -50,10 +51,10 @@ def prompt_adherence(pipe: Pipeline, n: int = 64, seed: int = 0, exclude=(), out
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        image_grid(images, nrow=8).save(out_dir / "adherence-grid.png")
+        image_grid(images, nrow=8).save(out_dir / f"{name}-grid.png")
         record = {"n": n, "scores": scores, "by_size": {k: v for k, v in by_size.items() if k != "all"}, "prompts": texts,
                   "sampling": {k: v for k, v in sampling.items() if isinstance(v, (int, float, str))}}
-        (out_dir / "adherence.json").write_text(json.dumps(record, indent=2))
+        (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
     return scores
 
 
@@ -91,6 +92,43 @@ def reconstruction_adherence(vae, resolution: int, batch_size: int = 64) -> dict
 def format_scores(scores: dict) -> str:
     order = ["color", "position", "shape", "size", "background", "all"]
     return "  ".join(f"{k} {scores[k]:.0%}" for k in order if k in scores)
+
+
+def combination_kind(entry: dict) -> str:
+    """What a held-out combination binds, e.g. "color + shape" for {"shape": "star", "color": "red"}."""
+    return " + ".join(sorted(entry))
+
+
+def composition_adherence(pipe: Pipeline, heldout: list[dict], n_heldout: int = 32, n_seen: int = 128, seed: int = 0,
+                          out_dir: str | Path | None = None, **sampling) -> dict:
+    """Prompt adherence on the attribute combinations a model was trained without, each apart,
+    beside the combinations it saw (every single-object scene that matches no held-out entry).
+
+    With `out_dir`, writes `adherence.json` with both, and a grid of each (`heldout-<i>-grid.png`,
+    `seen-grid.png`). `heldout` is the `data.source.exclude` of the model's training data.
+    """
+    rows = []
+    for i, entry in enumerate(heldout):
+        scores = prompt_adherence(pipe, n=n_heldout, seed=seed, only=[entry], out_dir=out_dir, name=f"heldout-{i}", **sampling)
+        rows.append({"combination": dict(entry), "kind": combination_kind(entry), "n": n_heldout, "scores": scores})
+    seen = prompt_adherence(pipe, n=n_seen, seed=seed, exclude=heldout, out_dir=out_dir, name="seen", **sampling)
+    record = {"heldout": rows, "seen": {"n": n_seen, "scores": seen},
+              "sampling": {k: v for k, v in sampling.items() if isinstance(v, (int, float, str))}}
+    if out_dir is not None:
+        (Path(out_dir) / "adherence.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def format_composition(record: dict) -> str:
+    """The held-out and seen rows of `composition_adherence` as a Markdown table."""
+    order = ["color", "shape", "size", "position", "background", "all"]
+    lines = ["| held out of training | n | " + " | ".join(order) + " |", "|---|---|" + "---|" * len(order)]
+    for row in record["heldout"]:
+        what = ", ".join(f"{k} {v}" for k, v in row["combination"].items())
+        lines.append(f"| {row['kind']}: {what} | {row['n']} | " + " | ".join(f"{row['scores'][k]:.0%}" for k in order) + " |")
+    seen = record["seen"]
+    lines.append(f"| seen combinations | {seen['n']} | " + " | ".join(f"{seen['scores'][k]:.0%}" for k in order) + " |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- FID/KID/retrieval on any data

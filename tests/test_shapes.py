@@ -300,3 +300,19 @@ def test_eval_prompts_are_fixed_balanced_and_parseable():
     assert all(parse_caption(text) == scene for text, scene in prompts)
     held_out = eval_prompts(64, exclude=[PURPLE_STAR])
     assert not any(s.objects[0].color == "purple" and s.objects[0].shape == "star" for _, s in held_out)
+
+
+def test_eval_prompts_only_the_held_out_combinations():
+    """`only` asks for the combinations a model was trained without; balanced over the rest."""
+    triangle_left = {"shape": "triangle", "position": "left"}
+    prompts = eval_prompts(36, only=[triangle_left])
+    scenes = [scene.objects[0] for _, scene in prompts]
+    assert all(o.shape == "triangle" and o.position == "left" for o in scenes)
+    assert len(set(scenes)) == 12  # 6 colours x 2 sizes, each on the 3 backgrounds: every one of the 36 scenes
+    assert len({scene for _, scene in prompts}) == 36
+    assert Counter(o.color for o in scenes) == {c: 6 for c in COLORS}
+    assert all(parse_caption(text) == scene for text, scene in prompts)
+    with pytest.raises(ValueError, match="only"):
+        eval_prompts(4, exclude=[triangle_left], only=[triangle_left])
+    with pytest.raises(ValueError, match="unknown key 'colour'"):
+        eval_prompts(4, only=[{"colour": "red"}])

@@ -5,10 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from ldm.config import load_config
+from ldm.data.shapes import is_excluded, parse_caption
 from ldm.data.cache import EncodeConfig, encode_dataset, open_cache
 from ldm.demo import run_demo
 from ldm.infer import generate, load_pipeline
@@ -101,6 +103,30 @@ def test_demo_runs_end_to_end_and_scores(stages, tmp_path):
     assert all(torch.equal(exported[k], v) for k, v in clip_tower.items() if k in exported)
     assert {k for k in clip_tower if k in exported} and pipe.text_encoder.config.hidden_size == 32
     assert (tmp_path / "adherence-grid.png").exists() and (tmp_path / "summary.json").exists()
+
+
+def test_demo_heldout_keeps_combinations_out_of_every_stage_and_scores_them_apart(tmp_path):
+    """`demo.py --heldout` (issue #23): the combinations never reach the CLIP, the VAE or the cache,
+    and adherence.json has each held-out combination's scores beside the seen ones'."""
+    from ldm.demo import HELDOUT
+
+    overrides = {**TINY, "ldm": TINY["ldm"] + ["train.eval_every=0", "train.save_every=0"]}
+    summary = run_demo(tmp_path, n_eval=8, overrides=overrides, heldout=HELDOUT)
+    record = json.loads((tmp_path / "adherence.json").read_text())
+    assert record == json.loads(json.dumps(summary["composition"]))
+    assert [row["combination"] for row in record["heldout"]] == HELDOUT
+    assert {row["kind"] for row in record["heldout"]} == {"color + shape", "position + shape", "background + color"}
+    assert record["seen"]["n"] == 8 and set(record["seen"]["scores"]) >= {"color", "shape", "all"}
+    for i, _ in enumerate(HELDOUT):
+        prompts = json.loads((tmp_path / f"heldout-{i}.json").read_text())["prompts"]
+        assert len(prompts) == 32 and all(is_excluded(parse_caption(p), [HELDOUT[i]]) for p in prompts)
+    seen = json.loads((tmp_path / "seen.json").read_text())["prompts"]
+    assert not any(is_excluded(parse_caption(p), HELDOUT) for p in seen)
+    assert (tmp_path / "seen-grid.png").exists() and (tmp_path / "heldout-0-grid.png").exists()
+    # what every stage trained on: the exclusion is in each config and in the cache's manifest
+    for stage in ("clip", "vae"):
+        assert yaml.safe_load((tmp_path / stage / "config.yaml").read_text())["data"]["source"]["exclude"] == HELDOUT
+    assert json.loads((tmp_path / "latents" / "manifest.json").read_text())["source"]["exclude"] == HELDOUT
 
 
 def test_the_gpu_configs_chain_at_cpu_size(tmp_path):

@@ -389,17 +389,19 @@ class ShapesDataset(torch.utils.data.Dataset):
         }
 
 
-def eval_prompts(n: int = 64, seed: int = 0, exclude=()) -> list[tuple[str, Scene]]:
+def eval_prompts(n: int = 64, seed: int = 0, exclude=(), only=()) -> list[tuple[str, Scene]]:
     """A fixed, balanced list of single-object prompts for adherence evaluation.
 
     Scenes are picked greedily so that every attribute value is used about equally often
     (each pick is the candidate whose values have been used least so far, ties broken by a
     seeded shuffle), so all colours, shapes, sizes, positions and backgrounds are covered
-    once ``n`` reaches 6. Phrasings rotate.
+    once ``n`` reaches 6. Phrasings rotate. ``only`` keeps the scenes that match one of its
+    entries (the combinations a model was trained without), ``exclude`` drops them.
     """
-    scenes = all_single_object_scenes(exclude)
+    only = _check_exclude(only)
+    scenes = [s for s in all_single_object_scenes(exclude) if not only or is_excluded(s, only)]
     if not scenes:
-        raise ValueError(f"exclude={list(exclude)!r} leaves no scene to prompt for")
+        raise ValueError(f"exclude={list(exclude)!r}, only={list(only)!r} leave no scene to prompt for")
     random.Random(seed).shuffle(scenes)
     counts: dict[tuple[str, str], int] = {}
 

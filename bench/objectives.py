@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Epsilon, v and flow at the demo's budget: prompt adherence at 20, 8 and 4 sampling steps.
+
+    python bench/objectives.py --demo runs/demo --out runs/objectives    # after `python demo.py`
+    python bench/objectives.py --demo /tmp/d --out /tmp/o --steps 20 --n 8   # a quick run
+
+Not a speed benchmark: it measures what issue #20 asks of the objectives. It takes the demo's
+CLIP, VAE and latent cache (`python demo.py` makes them) and trains one U-Net per objective with
+configs/ldm/shapes_cpu.yaml, changing only the noise section:
+
+    eps    noise.prediction_type=epsilon (the demo's own U-Net: <demo>/ldm, when it is there)
+    v      noise.prediction_type=v_prediction (Salimans & Ho 2022), the same DDPM schedule and min-SNR
+    flow   noise.objective=flow (rectified flow, SD3: logit-normal t, no shift)
+
+Same seed, steps, batch, learning rate and data order for all three. Each exported pipeline is
+sampled for --n balanced prompts (`ldm.evaluate.prompt_adherence`, seed 0, guidance 4) with the
+objective's second-order multistep solver (DPM-Solver++(2M): `dpm++2m` for eps and v,
+`flow-dpm++2m` for flow) at each of --sample-steps, and the shapes analyzer scores colour,
+shape, size, position and background per image. Re-running resumes and skips finished U-Nets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
+
+from bench.common import report  # noqa: E402
+
+from ldm.config import load_config  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ORDER = ("color", "shape", "size", "position", "background", "all")
+OBJECTIVES = {  # name: (noise overrides, sampler)
+    "eps": ([], "dpm++2m"),
+    "v": (["noise.prediction_type=v_prediction"], "dpm++2m"),
+    "flow": (["noise={objective: flow}"], "flow-dpm++2m"),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--demo", required=True, help="a `python demo.py` run directory (clip/, vae/, latents/, ldm/)")
+    p.add_argument("--out", required=True, help="where the U-Nets and figures.json go")
+    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    p.add_argument("--steps", type=int, help="train.steps of every U-Net (warm-up a tenth of it); default: the config's")
+    p.add_argument("--sample-steps", type=int, nargs="+", default=[20, 8, 4])
+    p.add_argument("--n", type=int, default=128, help="prompts scored per U-Net and step count")
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--json", help="also write the figures to this file (they always go to <out>/figures.json)")
+    return p.parse_args(argv)
+
+
+def unet_dir(args, name: str) -> Path:
+    """The demo's own U-Net stands for eps when it was trained with the same step count."""
+    own = Path(args.demo) / "ldm"
+    if name == "eps" and args.steps is None and (own / "pipeline" / "model_index.json").exists():
+        return own
+    return Path(args.out) / f"ldm-{name}"
+
+
+def main(argv=None) -> dict:
+    from ldm.demo import run_stage
+    from ldm.evaluate import format_scores, prompt_adherence
+    from ldm.infer import load_pipeline
+    from ldm.train.ldm import LDMTrainConfig, train_ldm
+
+    args = parse_args(argv)
+    demo, out = Path(args.demo), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((out / "figures.json").read_text()) if (out / "figures.json").exists() else {}
+    timings = dict(previous.get("wall_s", {}))
+    train = [f"train.steps={args.steps}", f"train.warmup_steps={args.steps // 10}"] if args.steps else []
+
+    figures = {"n": args.n, "guidance_scale": args.guidance_scale, "objectives": {}}
+    for name in args.objectives:
+        noise, sampler = OBJECTIVES[name]
+        ldm_dir = unet_dir(args, name)
+        # important: the U-Nets differ in the noise section alone (same seed, steps, data order)
+        cfg = load_config(LDMTrainConfig, CONFIGS / "ldm" / "shapes_cpu.yaml",
+                          [f"out_dir={ldm_dir}", f"cache={demo / 'latents'}", f"vae={demo / 'vae' / 'vae'}",
+                           f"text.encoder={demo / 'clip'}", "validation.quality_n=0", *noise, *train])
+        run_stage(timings, f"ldm_{name}", ldm_dir / "pipeline" / "model_index.json", lambda: train_ldm(cfg))
+        pipe = load_pipeline(ldm_dir / "pipeline")
+        rows = {}
+        for steps in args.sample_steps:
+            t0 = time.time()
+            scores = prompt_adherence(pipe, n=args.n, out_dir=out / f"adherence-{name}-{steps}", scheduler=sampler,
+                                      steps=steps, guidance_scale=args.guidance_scale, batch_size=32)
+            rows[steps] = {**{k: scores[k] for k in ORDER}, "sample_s": round(time.time() - t0, 1)}
+            print(f"{name} ({sampler}, {steps} steps): {format_scores(scores)}")
+        figures["objectives"][name] = {"sampler": sampler, "unet": str(ldm_dir), "scores": rows}
+    figures["wall_s"] = timings
+
+    table = ["objective | " + " | ".join(f"{s} steps (all five / shape)" for s in args.sample_steps)]
+    for name, row in figures["objectives"].items():
+        table.append(f"{name} | " + " | ".join(f"{row['scores'][s]['all']:.0%} / {row['scores'][s]['shape']:.0%}"
+                                                for s in args.sample_steps))
+    report(figures, "\n".join(table), str(out / "figures.json"))
+    if args.json:
+        Path(args.json).write_text((out / "figures.json").read_text())
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -146,6 +146,10 @@ def latent_forward_noising(vae, scheduler: DDPMScheduler, image: Image.Image, ti
 
 
 def _column_title(scheduler: DDPMScheduler, t: int) -> str:
+    if not hasattr(scheduler, "alphas_cumprod"):  # rectified flow: x_t = (1 - sigma) x_0 + sigma eps, sigma = t / T
+        sigma = t / scheduler.config.num_train_timesteps
+        log_snr = 2 * math.log((1 - sigma) / sigma) if 0 < sigma < 1 else (math.inf if sigma == 0 else -math.inf)
+        return f"t={t}\n" + r"$\sigma$" + f"={sigma:.3f}\nlogSNR={log_snr:.1f}"
     abar = float(scheduler.alphas_cumprod[t])
     log_snr = math.log(abar / (1 - abar)) if abar > 0 else -math.inf
     return f"t={t}\n" + r"$\bar\alpha$" + f"={abar:.3f}\nlogSNR={log_snr:.1f}"

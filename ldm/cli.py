@@ -67,6 +67,14 @@ def train_ldm_main(argv=None) -> None:
         print(f"pipeline saved to {train_ldm(cfg)}")
 
 
+def train_classifier_main(argv=None) -> None:
+    from ldm.train.classifier import ClassifierTrainConfig, train_classifier
+
+    cfg = _load(ClassifierTrainConfig, "Train the noise-aware classifier of classifier guidance on a latent cache.", argv)
+    if cfg is not None:
+        print(f"classifier saved to {train_classifier(cfg)}")
+
+
 def infer_main(argv=None) -> None:
     from ldm.infer import main
 

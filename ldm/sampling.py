@@ -79,6 +79,16 @@ DEFAULT_SAMPLERS = {"diffusion": "dpm++2m", "flow": "flow-dpm++2m"}
 
 # Keys some name above fixes: a sampler choice, not the model's schedule, so they never carry over
 # from the saved scheduler (a pipeline saved with Karras sigmas must not make "euler" use them).
+# Samplers that classifier guidance (`ClassifierGuidance`) refuses, and why. It corrects the model's
+# epsilon at (x_t, t) by the classifier's gradient there, which every other sampler takes as it is.
+NOT_CLASSIFIER_GUIDABLE = {
+    **{name: "a flow sampler: the classifiers here are trained on the diffusion process (noise.objective=diffusion)"
+       for name in FLOW_SCHEDULERS},
+    "kdpm2": "its second stage calls the model at interpolated, non-integer timesteps the classifier never saw",
+    "kdpm2_a": "its second stage calls the model at interpolated, non-integer timesteps the classifier never saw",
+    "dpm++sde": "its midpoint stage calls the model at interpolated timesteps the classifier never saw",
+}
+
 SAMPLER_KEYS = frozenset(key for _, settings, _ in SCHEDULERS.values() for key in settings)
 
 # important: latents are not images in [-1, 1]. DDIM/DDPM default to clipping x0 there, which
@@ -203,6 +213,63 @@ def encode_images(vae, images: torch.Tensor, generator: torch.Generator | list[t
 
 
 @dataclasses.dataclass
+class ClassifierGuidance:
+    """Classifier guidance (Dhariwal & Nichol 2021, sec. 4, Algorithm 2 / eq. 14): each model
+    evaluation's epsilon becomes eps - scale * sqrt(1 - abar_t) * grad_x log p(y | x_t, t), the score
+    of the class-conditional distribution; with classifier-free guidance on, the CFG-combined one.
+
+    `classifier(x_t, t)` gives logits (B, K) of the scaled model input x_t = sqrt(abar) x0 +
+    sqrt(1 - abar) eps at timesteps t (B,), as ldm.train.classifier's NoisyClassifier; `labels` (B,)
+    the wanted classes. scale=0 leaves sampling bit-identical to unguided sampling.
+    """
+
+    classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    labels: torch.Tensor
+    scale: float = 1.0
+    schedule: dict | None = None  # the noise schedule the classifier was trained on (checked against the model's)
+
+
+def classifier_guidance_problem(scheduler, schedule: dict | None = None) -> str | None:
+    """Why classifier guidance cannot run with `scheduler` (or a classifier trained on `schedule`), or None."""
+    name = scheduler_name_of(scheduler)
+    if name in NOT_CLASSIFIER_GUIDABLE or is_flow(scheduler):
+        able = [n for n in DIFFUSION_SCHEDULERS if n not in NOT_CLASSIFIER_GUIDABLE]
+        return (f"classifier guidance cannot run with scheduler {name!r}: {NOT_CLASSIFIER_GUIDABLE.get(name, 'a flow sampler')}; "
+                f"use one of: {', '.join(able)}")
+    if schedule:
+        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "rescale_betas_zero_snr")
+        diffs = [f"{k}: classifier {schedule.get(k)!r}, model {scheduler.config.get(k)!r}" for k in keys
+                 if k in schedule and schedule.get(k) != scheduler.config.get(k)]
+        if diffs:
+            return "the classifier was trained on another noise schedule than the model's: " + "; ".join(diffs)
+    return None
+
+
+def classifier_guided(guidance: ClassifierGuidance, scheduler, x_t: torch.Tensor, pred: torch.Tensor, t) -> torch.Tensor:
+    """The model prediction `pred` at the scaled input `x_t`, timestep t, with classifier guidance
+    (ClassifierGuidance). epsilon: eps - s sqrt(1 - abar) g; v = sqrt(abar) eps - sqrt(1 - abar) x0 at
+    fixed x_t moves by -s sqrt(1 - abar) g / sqrt(abar); x0 ("sample") by + s (1 - abar) g / sqrt(abar)."""
+    abar = scheduler.alphas_cumprod.to(x_t.device)[int(round(float(t)))].float()
+    if abar <= 0:  # zero terminal SNR: x_t is pure noise, about which a classifier knows nothing
+        return pred
+    with torch.enable_grad():
+        x = x_t.detach().float().requires_grad_(True)
+        times = torch.full((x.shape[0],), float(t), device=x.device)
+        log_p = torch.log_softmax(guidance.classifier(x, times).float(), dim=-1)
+        chosen = log_p.gather(1, guidance.labels.to(x.device).view(-1, 1)).sum()
+        grad = torch.autograd.grad(chosen, x)[0]
+    d = guidance.scale * (1 - abar).sqrt() * grad  # the change of eps, with the sign of the score
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        shift = -d
+    elif kind == "v_prediction":
+        shift = -d / abar.sqrt()
+    else:  # "sample": x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+        shift = (1 - abar).sqrt() * d / abar.sqrt()
+    return (pred.float() + shift).to(pred.dtype)
+
+
+@dataclasses.dataclass
 class Inpainting:
     """What inpainting adds to the loop (diffusers' StableDiffusionInpaintPipeline)."""
 
@@ -298,6 +365,8 @@ def denoise(
     generator: list[torch.Generator] | None = None, eta: float = 0.0,
     image_latents: torch.Tensor | None = None, strength: float = 1.0, inpaint: Inpainting | None = None,
     callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    class_labels: torch.Tensor | None = None, uncond_class_labels: torch.Tensor | None = None,
+    classifier_guidance: ClassifierGuidance | None = None,
 ) -> torch.Tensor:
     """The reverse process: classifier-free guided steps from noise (or a noised image) to x_0.
 
@@ -305,6 +374,9 @@ def denoise(
     the encoded image (scaled) for img2img (`strength` < 1) and 4-channel inpainting; `uncond`
     the negative-prompt embeddings (guidance is on when given and guidance_scale > 1).
     `callback(i, t, x after the step, predicted x0 at t)` sees every step.
+    A class-conditional U-Net (ldm.data.labels) takes `class_labels` (B,), and with guidance on
+    `uncond_class_labels` (its null class) in the unconditional branch; `classifier_guidance`
+    (ClassifierGuidance) adds a classifier's gradient to every model evaluation.
     """
     blend = inpaint is not None and inpaint.masked_image_latents is None
     if image_latents is None and (strength < 1.0 or blend):
@@ -318,12 +390,22 @@ def denoise(
     if inpaint is not None and not blend:
         inpaint_channels = [torch.cat([c] * 2) if guided else c for c in (inpaint.mask, inpaint.masked_image_latents)]
     extra = _step_kwargs(scheduler, generator, eta)
+    labels = {}
+    if class_labels is not None:
+        if guided and uncond_class_labels is None:
+            raise ValueError("pass uncond_class_labels (the null class) with class_labels and guidance on")
+        labels = {"class_labels": torch.cat([uncond_class_labels, class_labels]) if guided else class_labels}
+    steered = classifier_guidance is not None and classifier_guidance.scale != 0  # scale 0: bit-identical
+    if classifier_guidance is not None:
+        problem = classifier_guidance_problem(scheduler, classifier_guidance.schedule)
+        if problem:
+            raise ValueError(problem)
     for i, t in enumerate(timesteps):
         model_in = _scale_model_input(scheduler, torch.cat([x] * 2) if guided else x, t)
         scaled = model_in[-x.shape[0]:]
         if inpaint_channels:
             model_in = torch.cat([model_in, *inpaint_channels], dim=1)
-        pred = unet(model_in, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+        pred = unet(model_in, t, encoder_hidden_states=embeddings, **labels, return_dict=False)[0]
         if guided:
             pred_uncond, pred_text = pred.chunk(2)
             pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
@@ -333,6 +415,8 @@ def denoise(
             # important: a U-Net compiled with CUDA graphs (ldm.fast, mode reduce-overhead) returns a
             # buffer that its next call overwrites, and schedulers keep past outputs (PNDM, multistep)
             pred = pred.clone()
+        if steered:
+            pred = classifier_guided(classifier_guidance, scheduler, scaled, pred, t)
         x0 = predicted_x0(scheduler, scaled, pred, t) if callback is not None else None
         x = scheduler.step(pred, t, x, **extra, return_dict=False)[0]
         if blend:

@@ -98,7 +98,8 @@ class LDMTrainConfig:
     train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
-    caption_dropout: float = 0.1       # probability of training on the empty prompt (classifier-free guidance)
+    caption_dropout: float = 0.1       # probability of training on the empty prompt (classifier-free guidance);
+                                       # 1.0: always, a model unconditional on text
     latent_sample: Literal["sample", "mode"] = "sample"  # draw z ~ q(z|x) each time, or use its mean
     fast: FastConfig = dataclasses.field(default_factory=FastConfig)  # GPU fast paths (ldm/fast.py): channels_last, torch.compile, TF32
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
@@ -110,7 +111,7 @@ class LDMTrainConfig:
         fill_unset(self)
 
     def validate(self) -> None:
-        require(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        require(0.0 <= self.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         require(not self.lora.rank or bool(self.model.pretrained),
                 "lora.rank needs model.pretrained: LoRA adapts a trained U-Net (set lora.rank=0 to train from scratch)")
         require(Path(self.cache).is_dir(), f"cache: no latent cache directory {self.cache!r} (run the encode stage first)")

@@ -32,13 +32,15 @@ from diffusers.utils import load_image
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from ldm.data.cache import vae_identity
+from ldm.data.labels import label_indices, null_label
 from ldm.diffusion import objective_of
 from ldm.fast import FastConfig, apply_to_pipeline
 from ldm.models.text import encode_prompts
 from ldm.models.vae import downsample_factor
 from ldm.pipeline import INDEX, load_pipeline_dir, read_record, record_from_files
 from ldm.safetensors_io import open_safetensors
-from ldm.sampling import (DEFAULT_SAMPLERS, SCHEDULERS, Inpainting, decode_latents, denoise, encode_images,
+from ldm.sampling import (DEFAULT_SAMPLERS, SCHEDULERS, ClassifierGuidance, Inpainting, decode_latents, denoise, encode_images,
                           initial_noise, make_scheduler, scheduler_name_of, seed_sde_noise, seeded_generators)
 
 DEFAULT_SCHEDULER = "dpm++2m"  # for a pipeline whose saved scheduler has no name in SCHEDULERS
@@ -56,6 +58,7 @@ class Pipeline:
     default_scheduler: str = DEFAULT_SCHEDULER
     clip_skip: int = 0
     path: str = ""
+    classes: list[str] | None = None  # a class-conditional U-Net's class names by label (ldm.json); None: none
 
     @property
     def device(self) -> torch.device:
@@ -195,7 +198,7 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtyp
     pipe = Pipeline(unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
                     base_scheduler_config=base,
                     default_scheduler=scheduler_name_of(sd.scheduler) or DEFAULT_SAMPLERS[objective_of(base)],
-                    clip_skip=int(record.get("clip_skip", 0)), path=str(path))
+                    clip_skip=int(record.get("clip_skip", 0)), path=str(path), classes=record.get("classes"))
     return apply_to_pipeline(pipe, fast) if fast is not None else pipe
 
 
@@ -237,7 +240,8 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
              guidance_scale: float = 7.5, guidance_rescale: float = 0.0, width: int | None = None,
              height: int | None = None, batch_size: int = 4, eta: float = 0.0, init_image=None,
              strength: float | None = None, mask_image=None, keep_unmasked: bool = False,
-             trajectory_every: int = 0, progress: bool = True) -> list[dict]:
+             trajectory_every: int = 0, progress: bool = True, class_labels: list[str] | str | None = None,
+             classifier=None, classifier_scale: float = 0.0) -> list[dict]:
     """One image per prompt, image i from seeds[i] (default 0, 1, ...), `batch_size` at a time.
 
     img2img with `init_image` (path or PIL; `strength` defaults to 0.8); inpainting with
@@ -250,6 +254,10 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     "steps", "guidance_scale", "guidance_rescale", "eta", "width", "height", "mode", "strength"), and
     "trajectory": [(t, x_t PIL, predicted x0 PIL)] every `trajectory_every` steps when asked.
     `progress` shows a bar over the batches when there are several.
+    `class_labels` (one class name per prompt, or one for all) picks the class of a class-conditional
+    model (none given: its null class; classifier-free guidance runs against the null class), and
+    the class that `classifier` guides toward (a classifier directory or `load_classifier`'s pair;
+    Dhariwal & Nichol 2021) with `classifier_scale`. An unknown name is an error listing the known ones.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
@@ -266,12 +274,16 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     _check_request(pipe, prompts, negative_prompts, seeds, width, height, strength, images)
     settings = dict(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                     eta=eta, width=width, height=height, mode=mode, strength=strength if images is not None else None)
+    wanted = [class_labels] * len(prompts) if isinstance(class_labels, str) else class_labels
+    conditioning = class_conditioning(pipe, wanted, len(prompts), classifier, classifier_scale)
+    if wanted is not None:
+        settings.update(class_labels=list(wanted), classifier_scale=classifier_scale)
     results = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) == 1):
         batch = slice(start, start + batch_size)
         arrays, trajectory = _generate_batch(pipe, prompts[batch], negative_prompts[batch], seeds[batch], images,
-                                             keep_unmasked, trajectory_every, settings)
+                                             keep_unmasked, trajectory_every, settings, conditioning.batch(batch))
         for j, array in enumerate(arrays):
             results.append({
                 "image": VaeImageProcessor.numpy_to_pil(array[None])[0], "array": array,
@@ -281,8 +293,54 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     return results
 
 
+@dataclasses.dataclass
+class ClassConditioning:
+    """What `generate` adds to `denoise` for classes: a class-conditional U-Net's labels (and its null
+    class), and classifier guidance toward the wanted classes; `batch(slice)` gives denoise's kwargs."""
+
+    labels: torch.Tensor | None = None       # (N,) the U-Net's class labels
+    null: int | None = None
+    guidance: ClassifierGuidance | None = None  # labels: (N,) the classifier's
+
+    def batch(self, part: slice) -> dict:
+        out = {}
+        if self.labels is not None:
+            labels = self.labels[part]
+            out.update(class_labels=labels, uncond_class_labels=torch.full_like(labels, self.null))
+        if self.guidance is not None:
+            out["classifier_guidance"] = dataclasses.replace(self.guidance, labels=self.guidance.labels[part])
+        return out
+
+
+def class_conditioning(pipe: Pipeline, wanted: list[str] | None, n: int, classifier=None,
+                       scale: float = 0.0) -> ClassConditioning:
+    """Check a request's class names against the model's and the classifier's classes (errors name
+    the known ones) and load the classifier, refusing one trained on another VAE's latents."""
+    from ldm.models.classifier import load_classifier
+
+    if wanted is not None and len(wanted) != n:
+        raise ValueError(f"{len(wanted)} class labels for {n} prompts")
+    out = ClassConditioning()
+    if pipe.classes:
+        out.null = null_label(pipe.classes)
+        labels = label_indices(pipe.classes, wanted) if wanted is not None else torch.full((n,), out.null)
+        out.labels = labels.to(pipe.device)
+    elif wanted is not None and classifier is None:
+        raise ValueError(f"class labels asked of {pipe.path or 'a model'} that is not class-conditional (no classes "
+                         "in its ldm.json); pass a classifier for classifier guidance, or train with labels=...")
+    if classifier is not None:
+        if wanted is None:
+            raise ValueError("classifier guidance needs class_labels: the classes to guide toward")
+        model, record = (load_classifier(classifier, expect_vae=vae_identity(pipe.vae)) if isinstance(classifier, (str, Path))
+                         else classifier)
+        model.to(device=pipe.device)
+        out.guidance = ClassifierGuidance(model, label_indices(record["classes"], wanted).to(pipe.device), scale,
+                                          schedule=record.get("noise_schedule"))
+    return out
+
+
 def _generate_batch(pipe: Pipeline, prompts, negative_prompts, seeds, images: _ImageInputs | None,
-                    keep_unmasked: bool, trajectory_every: int, s: dict):
+                    keep_unmasked: bool, trajectory_every: int, s: dict, classes: dict | None = None):
     """(H, W, 3) float arrays for one batch, and its trajectory [(t, [x_t PIL], [x0 PIL])].
 
     The random draws follow diffusers' image pipelines: the image's posterior sample, then the
@@ -304,7 +362,8 @@ def _generate_batch(pipe: Pipeline, prompts, negative_prompts, seeds, images: _I
     latents = denoise(pipe.unet, scheduler, cond, uncond, noise, num_steps=s["steps"], guidance_scale=s["guidance_scale"],
                       guidance_rescale=s["guidance_rescale"], generator=generators, eta=s["eta"],
                       image_latents=image_latents, strength=s["strength"] or 1.0, inpaint=inpaint,
-                      callback=(lambda *snapshot: snapshots.append(snapshot)) if trajectory_every else None)
+                      callback=(lambda *snapshot: snapshots.append(snapshot)) if trajectory_every else None,
+                      **(classes or {}))
     # every N steps but the last, whose x_t is the image itself
     trajectory = [(t, _to_pil(decode_latents(pipe.vae, x)), _to_pil(decode_latents(pipe.vae, x0)))
                   for i, t, x, x0 in snapshots[:-1] if i % trajectory_every == 0]

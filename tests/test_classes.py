@@ -174,3 +174,63 @@ def test_refused_samplers_are_named():
     other = scheduler_config(NoiseConfig(beta_schedule="linear"))
     with pytest.raises(ValueError, match="another noise schedule.*beta_schedule"):
         _sample(unet, guidance=ClassifierGuidance(clf, torch.tensor([0, 1]), scale=1.0, schedule=other))
+
+
+# ----------------------------------------------------------------------------- class-conditional U-Nets
+
+
+def test_label_dropout_uses_the_null_class():
+    from ldm.train.common import sample_generators
+    from ldm.train.ldm import class_labels
+
+    labels = torch.tensor([0, 1, 2, 3] * 50)
+    gen = sample_generators(0, 0, 0, 0, len(labels))
+    dropped = class_labels(labels, 4, 0.3, gen)
+    kept = dropped != 4
+    assert torch.equal(dropped[kept], labels[kept])  # a label is kept as it is, or becomes the null class
+    assert 0.15 < (~kept).float().mean() < 0.45
+    assert torch.equal(class_labels(labels, 4, 0.0, gen), labels)
+
+
+@pytest.fixture(scope="module")
+def class_run(latents, tmp_path_factory):
+    from fixtures_runs import ldm_cfg
+    from ldm.train.ldm import train_ldm
+
+    out = tmp_path_factory.mktemp("classes")
+    return train_ldm(ldm_cfg(out, latents, "labels=shapes:shape", "label_dropout=0.2", "train.steps=2",
+                             "train.save_every=0", "validation.quality_n=0",
+                             "validation.prompts=[a small red star at the top, on a white background]",
+                             "validation.seeds=[0]", "validation.steps=2"))
+
+
+def test_class_conditional_training_exports_class_names(class_run):
+    from ldm.infer import generate, load_pipeline
+    from ldm.pipeline import load_pipeline_dir, read_record
+
+    record = read_record(class_run)
+    assert record["classes"] == ["circle", "square", "triangle", "star"] and record["labels"] == "shapes:shape"
+    sd = load_pipeline_dir(class_run)  # plain diffusers loads it as it is
+    assert sd.unet.config.num_class_embeds == 5  # 4 classes + the null class
+    assert (class_run.parent / "samples").is_dir()
+    pipe = load_pipeline(class_run, device="cpu", dtype="float32")
+    out = generate(pipe, ["", ""], class_labels=["star", "circle"], steps=2, guidance_scale=3.0, progress=False)
+    assert len(out) == 2 and out[0]["class_labels"] == ["star", "circle"]
+    a = generate(pipe, [""], class_labels="star", seeds=[0], steps=2, guidance_scale=3.0, progress=False)[0]["array"]
+    b = generate(pipe, [""], class_labels="circle", seeds=[0], steps=2, guidance_scale=3.0, progress=False)[0]["array"]
+    assert not (a == b).all()  # the class embedding reaches the U-Net
+    with pytest.raises(ValueError, match="unknown class 'hexagon'; this model knows: circle, square, triangle, star"):
+        generate(pipe, [""], class_labels=["hexagon"], steps=2, progress=False)
+
+
+def test_generate_with_classifier_guidance(class_run, classifier, latents):
+    """Our classifier on a text model's samples (this run's VAE is the cache's): guided and refused."""
+    from ldm.infer import generate, load_pipeline
+
+    pipe = load_pipeline(class_run, device="cpu", dtype="float32")
+    kw = dict(seeds=[0], steps=2, guidance_scale=3.0, progress=False, classifier=classifier)
+    plain = generate(pipe, ["a small red star"], class_labels="star", classifier_scale=0.0, **kw)[0]["array"]
+    guided = generate(pipe, ["a small red star"], class_labels="star", classifier_scale=10.0, **kw)[0]["array"]
+    assert not (plain == guided).all()
+    with pytest.raises(ValueError, match="cannot run with scheduler 'kdpm2'"):
+        generate(pipe, ["x"], class_labels="star", classifier_scale=1.0, scheduler="kdpm2", **kw)

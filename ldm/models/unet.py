@@ -51,9 +51,10 @@ class UNetModelConfig:
 
 
 def build_unet(cfg: UNetModelConfig, latent_channels: int, sample_size: int | tuple[int, int],
-               cross_attention_dim: int) -> UNet2DConditionModel:
+               cross_attention_dim: int, num_class_embeds: int | None = None) -> UNet2DConditionModel:
     """A fresh U-Net sized for the VAE's latents and the text encoder's width, or the pretrained one
-    (checked to fit them). `sample_size` (latent px, int or (h, w)) is the size it generates by default."""
+    (checked to fit them). `sample_size` (latent px, int or (h, w)) is the size it generates by default.
+    `num_class_embeds`: a class-conditional U-Net's learned class embeddings (added to the timestep's)."""
     if cfg.pretrained:
         unet = load_unet(cfg.pretrained)
         check_fits(unet, latent_channels, cross_attention_dim, cfg.pretrained)
@@ -61,7 +62,7 @@ def build_unet(cfg: UNetModelConfig, latent_channels: int, sample_size: int | tu
         return unet
     overrides = {k: (tuple(v) if isinstance(v, list) else v) for k in ARCHITECTURE_KEYS if (v := getattr(cfg, k)) is not None}
     overrides.update(in_channels=latent_channels, out_channels=latent_channels, sample_size=sample_size,
-                     cross_attention_dim=cross_attention_dim)
+                     cross_attention_dim=cross_attention_dim, num_class_embeds=num_class_embeds)
     return UNet2DConditionModel(**unet_config(cfg.preset, **overrides))
 
 

@@ -29,6 +29,7 @@ from diffusers.training_utils import EMAModel
 from ldm.config import ConfigError, require, to_dict
 from ldm.data.cache import LatentCache, open_cache, text_identity, vae_identity
 from ldm.data.captions import CaptionConfig, process_caption
+from ldm.data.labels import cache_labels, label_spec_problem, null_label, record_names
 from ldm.data.split import upstream_split_problem
 from ldm.data.images import image_grid
 from ldm.data.transforms import BucketBatchSampler
@@ -100,6 +101,9 @@ class LDMTrainConfig:
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     caption_dropout: float = 0.1       # probability of training on the empty prompt (classifier-free guidance);
                                        # 1.0: always, a model unconditional on text
+    labels: str = ""                   # class-conditional U-Net (ldm.data.labels): "" none, shapes:<attribute> or
+                                       # folder; one class embedding per class plus a null one (label_dropout)
+    label_dropout: float = 0.1         # probability of training on the null class (classifier-free guidance over classes)
     latent_sample: Literal["sample", "mode"] = "sample"  # draw z ~ q(z|x) each time, or use its mean
     fast: FastConfig = dataclasses.field(default_factory=FastConfig)  # GPU fast paths (ldm/fast.py): channels_last, torch.compile, TF32
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
@@ -112,6 +116,12 @@ class LDMTrainConfig:
 
     def validate(self) -> None:
         require(0.0 <= self.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        require(0.0 <= self.label_dropout < 1.0, f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.labels:
+            problem = label_spec_problem(self.labels)
+            require(problem is None, f"labels: {problem}")
+            require(not self.model.pretrained, "labels: a class-conditional U-Net is trained from scratch here "
+                    "(model.pretrained has no class embedding); unset model.pretrained or labels")
         require(not self.lora.rank or bool(self.model.pretrained),
                 "lora.rank needs model.pretrained: LoRA adapts a trained U-Net (set lora.rank=0 to train from scratch)")
         require(Path(self.cache).is_dir(), f"cache: no latent cache directory {self.cache!r} (run the encode stage first)")
@@ -253,6 +263,10 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     cache = open_cache(cfg.cache, "train", expect=identity)
     held_out = open_cache(cfg.cache, "eval", expect=identity)
     check_clip_split(cfg.text.encoder, held_out.manifest)
+    classes, labels, held_labels = None, None, None
+    if cfg.labels:  # class-conditional: one label per record (ldm.data.labels), one numbering for both splits
+        classes, labels = cache_labels(cache, cfg.labels)
+        held_labels = cache_labels(held_out, cfg.labels, classes)[1]
     latent_hw = most_common_size(cache)
 
     log = start_run(accelerator, cfg, out_dir, "ldm")
@@ -264,7 +278,8 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     # --- models: frozen text encoder, U-Net (fresh or fine-tuned), EMA
     text_encoder, tokenizer = load_text(models.text)
     text_encoder.to(device)
-    unet = build_unet(models.model, cache.manifest["latent_channels"], sample_size(latent_hw), text_encoder.config.hidden_size)
+    unet = build_unet(models.model, cache.manifest["latent_channels"], sample_size(latent_hw), text_encoder.config.hidden_size,
+                      num_class_embeds=len(classes) + 1 if classes else None)  # + the null class
     check_latent_sizes(unet, cache)
     trainable = add_lora(unet, cfg.lora) if cfg.lora.rank else list(unet.parameters())  # what the optimiser and EMA see
     if cfg.gradient_checkpointing:
@@ -280,7 +295,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
         accelerator.register_for_checkpointing(ema)
     empty = encode_prompts(text_encoder, tokenizer, [""], clip_skip=cfg.text.clip_skip)
     use_cached_text = cache.text_matches(text_identity(text_encoder, tokenizer, cfg.text.clip_skip))
-    validate = Validator(cfg, vae, text_encoder, tokenizer, held_out, latent_hw, out_dir, log)
+    validate = Validator(cfg, vae, text_encoder, tokenizer, held_out, latent_hw, out_dir, log, classes, held_labels)
 
     # --- resume: the step fixes the data position and every random draw after it
     step, guard = resume(accelerator, out_dir, cfg.resume, loop.max_nonfinite_steps)
@@ -288,7 +303,8 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
     batches = size_batches(cache.size_groups(), loop.batch_size, loop.seed, step * loop.grad_accum, rank, world)
     unet_step = UNetStep(cfg=cfg, accelerator=accelerator, cache=cache, unet=unet, trainable=trainable, optimizer=optimizer,
                          noise_scheduler=noise_scheduler, text_encoder=text_encoder, tokenizer=tokenizer, empty=empty,
-                         use_cached_text=use_cached_text, guard=guard, ema=ema)
+                         use_cached_text=use_cached_text, guard=guard, ema=ema, labels=labels,
+                         classes=classes)
     unet.train()  # important: from_pretrained returns a model in eval mode, which would switch LoRA dropout off
 
     # --- the loop (ldm.train.loop.run_loop): each step, each evaluation (EMA weights), the export
@@ -314,7 +330,7 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
             save_lora(final, out_dir / "lora", name=out_dir.resolve().name)
             final = merge_lora(final)
         export_pipeline(cfg, final, vae, text_encoder, tokenizer, latent_hw, out_dir / "pipeline",
-                        split=held_out.manifest.get("split"))
+                        split=held_out.manifest.get("split"), classes=classes)
 
     run_loop(accelerator, loop, out_dir, log, guard, step, "unet", train_step, evaluate, export)
     return out_dir / "pipeline"
@@ -405,6 +421,13 @@ def conditioning(cfg: LDMTrainConfig, cache: LatentCache, indices: list[int], te
     return torch.where(drop[:, None, None].to(cond.device), empty.expand_as(cond), cond)
 
 
+def class_labels(labels: torch.Tensor, null: int, dropout: float, gen: list[torch.Generator]) -> torch.Tensor:
+    """A batch's class labels with label dropout: a dropped label becomes the null class (the last
+    class embedding), the unconditional input of classifier-free guidance over classes. The null
+    class's index is the number of classes: the U-Net has num_class_embeds = classes + 1."""
+    return torch.where(uniform(gen) < dropout, torch.full_like(labels, null), labels)
+
+
 @dataclasses.dataclass(kw_only=True)
 class UNetStep:
     """One optimiser step of stage 3: `grad_accum` micro-batches of the U-Net's loss, then the EMA.
@@ -423,6 +446,8 @@ class UNetStep:
     use_cached_text: bool               # the cache holds this text encoder's embeddings
     guard: NonFiniteGuard
     ema: EMAModel | None = None
+    labels: torch.Tensor | None = None  # class-conditional: the label of every cache record (ldm.data.labels)
+    classes: list[str] | None = None    # their names; the null class is len(classes)
 
     def __call__(self, step: int, batches: Iterator[list[int]]) -> torch.Tensor:
         """Take optimiser step `step` on the next micro-batches of `batches`; the mean loss (0-d tensor)."""
@@ -442,8 +467,11 @@ class UNetStep:
         noisy, t, cond, target, weights = training_inputs(
             self.cfg, self.cache, indices, gen, self.noise_scheduler, accelerator.device,
             self.text_encoder, self.tokenizer, self.empty, self.use_cached_text)
+        extra = {}
+        if self.labels is not None:
+            extra["class_labels"] = class_labels(self.labels[indices], null_label(self.classes), self.cfg.label_dropout, gen).to(accelerator.device)
         with accelerator.accumulate(self.unet):
-            pred = self.unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+            pred = self.unet(noisy, t, encoder_hidden_states=cond, **extra, return_dict=False)[0]
             loss = diffusion_loss(pred, target, weights)
             if self.guard.ok(loss):
                 accelerator.backward(loss)  # divided by grad_accum by accelerate
@@ -468,8 +496,10 @@ class Validator:
     """
 
     def __init__(self, cfg: LDMTrainConfig, vae, text_encoder, tokenizer, held_out: LatentCache,
-                 latent_hw: tuple[int, int], out_dir: Path, log):
+                 latent_hw: tuple[int, int], out_dir: Path, log, classes: list[str] | None = None,
+                 held_labels: torch.Tensor | None = None):
         self.cfg, self.vae, self.text_encoder, self.tokenizer = cfg, vae, text_encoder, tokenizer
+        self.classes, self.held_labels = classes, held_labels  # class-conditional U-Nets
         self.held_out, self.latent_hw, self.out_dir, self.log = held_out, latent_hw, out_dir, log
         bs, limit = cfg.train.batch_size, cfg.validation.held_out_batches
         self.batches = [items[s : s + bs] for items in held_out.size_groups().values() for s in range(0, len(items), bs)][:limit]
@@ -511,7 +541,8 @@ class Validator:
                 prompts = [self.held_out.captions[i][0] for i in indices]
                 cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip=clip_skip)
                 noisy, t, target, weights = noised_inputs(noise_scheduler, self.cfg.noise, latents, gen)
-                pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+                extra = {} if self.classes is None else {"class_labels": self.held_labels[indices].to(device)}
+                pred = unet(noisy, t, encoder_hidden_states=cond, **extra, return_dict=False)[0]
                 losses.append(diffusion_loss(pred, target, weights).item())
             if val.prompts and val.seeds:
                 images = self.grid(unet, device)
@@ -569,13 +600,29 @@ class Validator:
             uncond = empty.expand(len(batch), -1, -1)
             noise = initial_noise((len(batch), unet.config.in_channels, *self.latent_hw), generators, device, cond.dtype)
             latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=steps or val.steps,
-                              guidance_scale=val.guidance_scale, generator=generators)
+                              guidance_scale=val.guidance_scale, generator=generators, **self.prompt_labels(batch, device))
             out.append(decode_latents(self.vae.to(device), latents).cpu())
         return torch.cat(out)
 
 
+    def prompt_labels(self, prompts: list[str], device) -> dict:
+        """A class-conditional U-Net's labels for validation prompts: the class each prompt names
+        (shapes:<attribute>), else the null class; none for other U-Nets."""
+        if self.classes is None:
+            return {}
+        null = null_label(self.classes)
+        wanted = []
+        for prompt in prompts:
+            try:
+                wanted.append(self.classes.index(record_names(self.cfg.labels, [[prompt]], [""])[0]))
+            except ValueError:  # folder labels, or a prompt that names no class
+                wanted.append(null)
+        return {"class_labels": torch.tensor(wanted, device=device),
+                "uncond_class_labels": torch.full((len(prompts),), null, device=device)}
+
+
 def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, latent_hw: tuple[int, int], path: Path,
-                    split: dict | None = None) -> None:
+                    split: dict | None = None, classes: list[str] | None = None) -> None:
     """A StableDiffusionPipeline directory that diffusers loads as it is, plus its record ldm.json
     (format: ldm.pipeline, which writes it).
 
@@ -603,6 +650,9 @@ def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, lat
         "ema_decay": cfg.train.ema_decay,
         "validation": to_dict(cfg.validation),
         "split": split,                                      # the held-out latents of val_loss (cache manifest)
+        "labels": cfg.labels or None,                        # class-conditional (ldm.data.labels): how labels were read
+        "classes": classes,                                  # class names by label; the null class is len(classes)
+        "label_dropout": cfg.label_dropout if classes else None,
         "train_config": to_dict(cfg),
     }
     save_pipeline(pipe, path, record)

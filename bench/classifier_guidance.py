@@ -114,7 +114,7 @@ def main() -> None:
             measure(f"text model, CFG 4 + classifier guidance s={s:g}", text, [p for p, _ in scenes],
                     [scene.objects[0].shape for _, scene in scenes], guidance_scale=4.0,
                     classifier=classifier, classifier_scale=s)
-    accuracy = json.loads((paths["classifier"] / "classifier.json").read_text())["eval"]
+    accuracy = classifier[1]["eval"]
     out = Path(args.out)
     (out / "guidance.json").write_text(json.dumps({
         "budget": {"unet_steps": args.steps, "batch_size": args.batch, "classifier_steps": args.steps},

@@ -234,3 +234,17 @@ def test_generate_with_classifier_guidance(class_run, classifier, latents):
     assert not (plain == guided).all()
     with pytest.raises(ValueError, match="cannot run with scheduler 'kdpm2'"):
         generate(pipe, ["x"], class_labels="star", classifier_scale=1.0, scheduler="kdpm2", **kw)
+
+
+def test_stage3_label_settings_are_checked(latents):
+    from fixtures_runs import ldm_args
+    from ldm.train.ldm import LDMTrainConfig
+
+    with pytest.raises(ConfigError, match="labels 'shapes:texture' is not one of"):
+        load_config(LDMTrainConfig, None, ldm_args(latents["cache"].parent / "x", latents, "labels=shapes:texture"))
+    with pytest.raises(ConfigError, match="label_dropout"):
+        load_config(LDMTrainConfig, None, ldm_args(latents["cache"].parent / "x", latents, "labels=folder",
+                                                   "label_dropout=1.0"))
+    # a text-unconditional model (the unconditional side of the comparison) is allowed
+    assert load_config(LDMTrainConfig, None, ldm_args(latents["cache"].parent / "x", latents,
+                                                      "caption_dropout=1.0")).caption_dropout == 1.0

@@ -524,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "img2img, 1.0 for inpainting")
     p.add_argument("--mask", help="inpainting mask image (white = regenerate)")
     p.add_argument("--keep-unmasked", action="store_true", help="inpainting: paste the input's pixels back outside the mask")
+    p.add_argument("--class", dest="class_name", help="the class of every image: a class-conditional model's "
+                   "(its ldm.json's classes), and the one --classifier guides toward")
+    p.add_argument("--classifier", help="classifier guidance: a train_classifier.py output dir (<run>/classifier)")
+    p.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale s (0: off)")
     p.add_argument("--device", help="cuda | mps | cpu (default: the best available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: bfloat16/float16 on GPU, float32 on CPU")
     p.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa")
@@ -589,6 +593,11 @@ def _run(args: argparse.Namespace) -> None:
         raise SystemExit("--fast fuses the attention projections for SDPA; it does not combine with --attention xformers")
     pipe = load_pipeline(args.model, args.device, args.dtype, args.attention, args.allow_pickle,
                          fast=FastConfig.sampling() if args.fast else None, loras=args.lora)
+    classifier = None
+    if args.classifier:  # loaded once, checked against this model's VAE
+        from ldm.models.classifier import load_classifier
+
+        classifier = load_classifier(args.classifier, expect_vae=vae_identity(pipe.vae))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = [{}] * len(jobs)
@@ -596,6 +605,7 @@ def _run(args: argparse.Namespace) -> None:
         made = generate(pipe, [j["prompt"] for j in group], negative_prompts=[j["negative_prompt"] for j in group],
                         seeds=[j["seed"] for j in group], batch_size=args.batch_size, init_image=args.init_image,
                         mask_image=args.mask, keep_unmasked=args.keep_unmasked, trajectory_every=args.trajectory,
+                        class_labels=args.class_name, classifier=classifier, classifier_scale=args.classifier_scale,
                         **{k: group[0][k] for k in BATCH_SETTINGS})
         for job, result in zip(group, made):
             results[job["index"]] = result

@@ -248,3 +248,14 @@ def test_stage3_label_settings_are_checked(latents):
     # a text-unconditional model (the unconditional side of the comparison) is allowed
     assert load_config(LDMTrainConfig, None, ldm_args(latents["cache"].parent / "x", latents,
                                                       "caption_dropout=1.0")).caption_dropout == 1.0
+
+
+def test_infer_cli_takes_a_class_and_a_classifier(class_run, classifier, tmp_path):
+    from ldm.infer import main
+
+    main([str(class_run), "--prompt", "", "--class", "star", "--classifier", str(classifier), "--classifier-scale", "2",
+          "--steps", "2", "--device", "cpu", "--out", str(tmp_path)])
+    assert (tmp_path / "0000-seed0.png").is_file()
+    with pytest.raises(SystemExit, match="unknown class 'hexagon'"):
+        main([str(class_run), "--prompt", "", "--class", "hexagon", "--steps", "2", "--device", "cpu",
+              "--out", str(tmp_path)])

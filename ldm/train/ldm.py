@@ -469,7 +469,8 @@ class UNetStep:
             self.text_encoder, self.tokenizer, self.empty, self.use_cached_text)
         extra = {}
         if self.labels is not None:
-            extra["class_labels"] = class_labels(self.labels[indices], null_label(self.classes), self.cfg.label_dropout, gen).to(accelerator.device)
+            labels = class_labels(self.labels[indices], null_label(self.classes), self.cfg.label_dropout, gen)
+            extra["class_labels"] = labels.to(accelerator.device)
         with accelerator.accumulate(self.unet):
             pred = self.unet(noisy, t, encoder_hidden_states=cond, **extra, return_dict=False)[0]
             loss = diffusion_loss(pred, target, weights)
@@ -539,6 +540,8 @@ class Validator:
             for indices in self.batches:
                 latents = self.held_out.latents(indices, generator=gen).to(device)
                 prompts = [self.held_out.captions[i][0] for i in indices]
+                if self.cfg.caption_dropout == 1.0:  # a text-unconditional model: the prompt it was trained on
+                    prompts = [""] * len(prompts)
                 cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip=clip_skip)
                 noisy, t, target, weights = noised_inputs(noise_scheduler, self.cfg.noise, latents, gen)
                 extra = {} if self.classes is None else {"class_labels": self.held_labels[indices].to(device)}

@@ -56,7 +56,7 @@ class NoisyClassifier(ModelMixin, ConfigMixin):
             blocks.append(get_down_block("DownBlock2D", num_layers=layers_per_block, in_channels=channels, out_channels=out,
                                          temb_channels=temb, add_downsample=i < len(block_out_channels) - 1,
                                          resnet_eps=1e-5, resnet_act_fn="silu", resnet_groups=norm_num_groups,
-                                         downsample_padding=1))
+                                         downsample_padding=1, attention_head_dim=attention_head_dim))
             channels = out
         self.down_blocks = torch.nn.ModuleList(blocks)
         self.mid_block = UNetMidBlock2D(in_channels=channels, temb_channels=temb, resnet_eps=1e-5, resnet_act_fn="silu",

@@ -68,10 +68,13 @@ def train_unets(args) -> dict[str, Path]:
 
 
 def shape_accuracy(images, wanted: list[str]) -> dict:
-    """The fraction of images whose one object the analyzer reads as the wanted shape, and whose object it finds."""
+    """The fraction of images whose one object the analyzer reads as the wanted shape (with a normal
+    95% interval, +-1.96 sqrt(p(1-p)/n)), and the fraction in which it finds an object at all."""
     found = [shapes.analyze(image, num_objects=1)["objects"] for image in images]
-    right = sum(bool(f) and f[0]["shape"] == w for f, w in zip(found, wanted))
-    return {"shape_accuracy": right / len(wanted), "object_found": sum(bool(f) for f in found) / len(wanted)}
+    p = sum(bool(f) and f[0]["shape"] == w for f, w in zip(found, wanted)) / len(wanted)
+    half = 1.96 * (p * (1 - p) / len(wanted)) ** 0.5
+    return {"shape_accuracy": p, "ci95": [round(max(p - half, 0), 3), round(min(p + half, 1), 3)],
+            "object_found": sum(bool(f) for f in found) / len(wanted)}
 
 
 def main() -> None:
@@ -86,7 +89,7 @@ def main() -> None:
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--scheduler", default="dpm++2m")
     parser.add_argument("--scales", default="0,1,3,10", help="classifier guidance scales on the unconditional model")
-    parser.add_argument("--cfg", default="1,3", help="classifier-free guidance scales on the class-conditional model")
+    parser.add_argument("--cfg", default="1,3,7", help="classifier-free guidance scales on the class-conditional model")
     parser.add_argument("--text-model", default="", help="a text-conditioned pipeline to guide too (e.g. the demo's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -139,7 +142,8 @@ def plot(rows: list[dict], path: Path, args) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
     colors = ["tab:blue" if "unconditional" in r["setting"] else "tab:orange" if "class-cond" in r["setting"]
               else "tab:green" for r in rows]
-    ax.barh(range(len(rows)), [r["shape_accuracy"] for r in rows], color=colors)
+    err = [[r["shape_accuracy"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["shape_accuracy"] for r in rows]]
+    ax.barh(range(len(rows)), [r["shape_accuracy"] for r in rows], xerr=err, color=colors, capsize=2)
     ax.set_yticks(range(len(rows)), [r["setting"] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(1 / len(CLASSES), color="gray", ls="--", lw=1)

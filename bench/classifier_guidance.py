@@ -119,7 +119,7 @@ def main() -> None:
         text = load_pipeline(args.text_model, device="cpu", dtype="float32")
         scenes = shapes.eval_prompts(args.n)  # the demo's adherence prompts: every attribute named
         for s in (0.0, 3.0):
-            measure(f"text model, CFG 4 + classifier guidance s={s:g}", text, [p for p, _ in scenes],
+            measure(f"demo text model, CFG 4 + classifier guidance s={s:g}", text, [p for p, _ in scenes],
                     [scene.objects[0].shape for _, scene in scenes], guidance_scale=4.0,
                     classifier=classifier, classifier_scale=s)
     accuracy = classifier[1]["eval"]
@@ -148,7 +148,7 @@ def plot(rows: list[dict], path: Path, args) -> None:
     ax.invert_yaxis()
     ax.axvline(1 / len(CLASSES), color="gray", ls="--", lw=1)
     ax.set(xlim=(0, 1), xlabel="shape accuracy (analyzer)",
-           title=f"shapes, {args.steps} steps x {args.batch} per model, n={args.n}, {args.scheduler} {args.sampling_steps} steps")
+           title=f"shapes, U-Nets (a), (b): {args.steps} steps x {args.batch}, n={args.n}, {args.scheduler} {args.sampling_steps} steps")
     ax.title.set_fontsize(9)
     fig.tight_layout()
     fig.savefig(path)

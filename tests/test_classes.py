@@ -259,3 +259,19 @@ def test_infer_cli_takes_a_class_and_a_classifier(class_run, classifier, tmp_pat
     with pytest.raises(SystemExit, match="unknown class 'hexagon'"):
         main([str(class_run), "--prompt", "", "--class", "hexagon", "--steps", "2", "--device", "cpu",
               "--out", str(tmp_path)])
+
+
+def test_folder_labels_from_an_encoded_imagefolder(latents, tmp_path):
+    """An imagefolder's record ids keep the subfolder, so `folder` labels work on a real cache."""
+    from PIL import Image
+
+    from ldm.train.encode import EncodeConfig, encode_dataset
+
+    for k, (name, color) in enumerate([("cat", (200, 30, 30)), ("dog", (30, 30, 200))] * 3):
+        (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), color).save(tmp_path / "images" / name / f"{k}.png")
+    cfg = load_config(EncodeConfig, None, [f"vae={latents['vae']}", f"out_dir={tmp_path / 'cache'}",
+                                           "data.source.kind=imagefolder", f"data.source.path={tmp_path / 'images'}",
+                                           "data.transform.resolution=16", "data.eval_size=0"])
+    names, labels = cache_labels(open_cache(encode_dataset(cfg), "train"), "folder")
+    assert names == ["cat", "dog"] and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]

@@ -40,7 +40,7 @@ CLASSES = list(shapes.SHAPES)
 
 def train_unets(args) -> dict[str, Path]:
     demo = Path(args.demo)
-    common = [f"cache={demo / 'latents'}", f"vae={demo / 'vae' / 'vae'}", f"text.encoder={demo / 'clip'}",
+    common = [f"cache={demo / 'latents'}", f"vae={demo / 'vae' / 'vae'}", f"text.encoder={args.text_encoder or demo / 'clip'}",
               "caption_dropout=1.0", f"train.steps={args.steps}", f"train.batch_size={args.batch}",
               f"train.warmup_steps={max(args.steps // 10, 1)}", "train.eval_every=0", "train.save_every=0",
               "train.log_every=50", "validation.prompts=[]", "validation.quality_n=0", "fast.compile=false",
@@ -50,7 +50,7 @@ def train_unets(args) -> dict[str, Path]:
     for name, extra in runs.items():
         run = Path(args.out) / ("uncond" if name == "unconditional" else "classcond")
         if not (run / "pipeline" / "ldm.json").is_file():
-            cfg = load_config(LDMTrainConfig, demo / "ldm" / "config.yaml", [f"out_dir={run}", *common, *extra])
+            cfg = load_config(LDMTrainConfig, args.ldm_config or demo / "ldm" / "config.yaml", [f"out_dir={run}", *common, *extra])
             t0 = time.time()
             train_ldm(cfg)
             print(f"{name}: trained in {time.time() - t0:.0f} s")
@@ -81,6 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default="runs/demo", help="the demo's run dir (latents/, vae/, clip/, ldm/)")
     parser.add_argument("--out", default="runs/classifier_guidance")
+    parser.add_argument("--ldm-config", default="", help="the U-Nets' stage-3 config (default: the demo's ldm/config.yaml)")
+    parser.add_argument("--text-encoder", default="", help="text.encoder of the U-Nets (default: the demo's clip/)")
     parser.add_argument("--steps", type=int, default=400, help="training steps of each U-Net and of the classifier")
     parser.add_argument("--classifier-steps", type=int, default=2000, help="training steps of the classifier "
                         "(about 15x cheaper a step than the U-Net's)")

@@ -275,3 +275,33 @@ def test_folder_labels_from_an_encoded_imagefolder(latents, tmp_path):
                                            "data.transform.resolution=16", "data.eval_size=0"])
     names, labels = cache_labels(open_cache(encode_dataset(cfg), "train"), "folder")
     assert names == ["cat", "dog"] and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_the_guidance_bench_trains_three_models_and_scores_every_setting(latents, tmp_path):
+    """bench/classifier_guidance.py at two steps a model, on a demo-shaped directory of the tiny cache."""
+    import os
+    import subprocess
+    import sys
+
+    from fixtures_runs import REPO, ldm_cfg
+    from ldm.config import save_config
+
+    demo = tmp_path / "demo"
+    (demo / "vae").mkdir(parents=True)
+    (demo / "ldm").mkdir()
+    (demo / "latents").symlink_to(latents["cache"])
+    (demo / "vae" / "vae").symlink_to(latents["vae"])
+    save_config(ldm_cfg(demo / "ldm", latents, "validation.quality_n=0"), demo / "ldm" / "config.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "classifier_guidance.py"), "--demo", str(demo),
+                           "--out", str(tmp_path / "cg"), "--text-encoder", "tiny", "--steps", "2", "--classifier-steps", "2",
+                           "--batch", "4", "--n", "4", "--sampling-steps", "2", "--scales", "0,3", "--cfg", "1,3"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "cg" / "guidance.json").read_text())
+    assert [r["setting"] for r in result["rows"]] == [
+        "unconditional + classifier guidance s=0", "unconditional + classifier guidance s=3",
+        "class-conditional, CFG w=1", "class-conditional, CFG w=3"]
+    assert all(0 <= r["shape_accuracy"] <= 1 for r in result["rows"])
+    assert len(result["classifier_accuracy"]["bins"]) == 10
+    assert (tmp_path / "cg" / "adherence.png").is_file() and (tmp_path / "cg" / "classifier-accuracy.png").is_file()

@@ -40,8 +40,9 @@ from ldm.models.text import encode_prompts
 from ldm.models.vae import downsample_factor
 from ldm.pipeline import INDEX, load_pipeline_dir, read_record, record_from_files
 from ldm.safetensors_io import open_safetensors
-from ldm.sampling import (DEFAULT_SAMPLERS, SCHEDULERS, ClassifierGuidance, Inpainting, decode_latents, denoise, encode_images,
-                          initial_noise, make_scheduler, scheduler_name_of, seed_sde_noise, seeded_generators)
+from ldm.sampling import (DEFAULT_SAMPLERS, SCHEDULERS, ClassifierGuidance, Inpainting, decode_latents, denoise,
+                          encode_images, initial_noise, make_scheduler, scheduler_name_of, seed_sde_noise,
+                          seeded_generators)
 
 DEFAULT_SCHEDULER = "dpm++2m"  # for a pipeline whose saved scheduler has no name in SCHEDULERS
 
@@ -316,7 +317,7 @@ def class_conditioning(pipe: Pipeline, wanted: list[str] | None, n: int, classif
                        scale: float = 0.0) -> ClassConditioning:
     """Check a request's class names against the model's and the classifier's classes (errors name
     the known ones) and load the classifier, refusing one trained on another VAE's latents."""
-    from ldm.models.classifier import load_classifier
+    from ldm.models.classifier import check_classifier_vae, load_classifier
 
     if wanted is not None and len(wanted) != n:
         raise ValueError(f"{len(wanted)} class labels for {n} prompts")
@@ -331,8 +332,12 @@ def class_conditioning(pipe: Pipeline, wanted: list[str] | None, n: int, classif
     if classifier is not None:
         if wanted is None:
             raise ValueError("classifier guidance needs class_labels: the classes to guide toward")
-        model, record = (load_classifier(classifier, expect_vae=vae_identity(pipe.vae)) if isinstance(classifier, (str, Path))
-                         else classifier)
+        identity = vae_identity(pipe.vae)
+        if isinstance(classifier, (str, Path)):
+            model, record = load_classifier(classifier, expect_vae=identity)
+        else:  # a (model, record) pair loaded once for many calls: checked all the same
+            model, record = classifier
+            check_classifier_vae(record, identity, "passed")
         model.to(device=pipe.device)
         out.guidance = ClassifierGuidance(model, label_indices(record["classes"], wanted).to(pipe.device), scale,
                                           schedule=record.get("noise_schedule"))

@@ -234,6 +234,10 @@ def test_generate_with_classifier_guidance(class_run, classifier, latents):
     assert not (plain == guided).all()
     with pytest.raises(ValueError, match="cannot run with scheduler 'kdpm2'"):
         generate(pipe, ["x"], class_labels="star", classifier_scale=1.0, scheduler="kdpm2", **kw)
+    model, record = load_classifier(classifier)
+    other = {**record, "vae": {**record["vae"], "vae_hash": "0123456789abcdef"}}  # as if from another VAE
+    with pytest.raises(ClassifierFormatError, match="(?s)another VAE.*0123456789abcdef"):
+        generate(pipe, ["x"], class_labels="star", classifier_scale=1.0, **{**kw, "classifier": (model, other)})
 
 
 def test_stage3_label_settings_are_checked(latents):

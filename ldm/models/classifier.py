@@ -101,14 +101,19 @@ def vae_mismatch(record: dict, expect_vae: dict) -> list[str]:
             for k, v in expect_vae.items() if have.get(k) != v]
 
 
+def check_classifier_vae(record: dict, expect_vae: dict, where: str = "") -> None:
+    """Refuse a classifier (its `record`) trained on latents of another VAE than `expect_vae`, naming both."""
+    diffs = vae_mismatch(record, expect_vae)
+    if diffs:
+        raise ClassifierFormatError(f"the classifier {where} was trained on another VAE's latents:\n  " + "\n  ".join(diffs)
+                                    + "\nTrain it on a latent cache encoded with this model's VAE.")
+
+
 def load_classifier(path: str | os.PathLike, expect_vae: dict | None = None) -> tuple[NoisyClassifier, dict]:
     """(model in eval mode, record) of a classifier directory; with `expect_vae` (vae_identity of the
     VAE whose latents it will judge) a classifier trained on another VAE's latents is refused."""
     record = read_classifier_record(path)
     if expect_vae is not None:
-        diffs = vae_mismatch(record, expect_vae)
-        if diffs:
-            raise ClassifierFormatError(f"the classifier {path} was trained on another VAE's latents:\n  " + "\n  ".join(diffs)
-                                        + "\nTrain it on a latent cache encoded with this model's VAE.")
+        check_classifier_vae(record, expect_vae, str(path))
     model = NoisyClassifier.from_pretrained(path, use_safetensors=True)
     return model.eval().requires_grad_(False), record

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--text-encoder", default="", help="text.encoder of the U-Nets (default: the demo's clip/)")
     parser.add_argument("--steps", type=int, default=400, help="training steps of each U-Net and of the classifier")
     parser.add_argument("--classifier-steps", type=int, default=2000, help="training steps of the classifier "
-                        "(about 15x cheaper a step than the U-Net's)")
+                        "(a step costs about a sixth of a U-Net step)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--n", type=int, default=128, help="images per setting (class i %% 4 from seed i)")
     parser.add_argument("--sampling-steps", type=int, default=20)

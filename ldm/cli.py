@@ -1,6 +1,6 @@
 """Command-line entry points: each parses `--config FILE key.sub=value ...` and calls the library.
 
-The top-level scripts (train_vae.py, encode.py, train_ldm.py, infer.py) and the console
+The top-level scripts (train_vae.py, encode.py, train_ldm.py, distill.py, infer.py) and the console
 scripts from pyproject.toml both land here.
 """
 
@@ -65,6 +65,17 @@ def train_ldm_main(argv=None) -> None:
     cfg = _load(LDMTrainConfig, "Stage 3: train the text-conditioned U-Net on a latent cache.", argv)
     if cfg is not None:
         print(f"pipeline saved to {train_ldm(cfg)}")
+
+
+def distill_main(argv=None) -> None:
+    from ldm.train.distill import DistillConfig, distill
+
+    cfg = _load(DistillConfig, "Latent consistency distillation (LCM) of a trained pipeline into a 1-4 step sampler.", argv)
+    if cfg is not None:
+        try:
+            print(f"student pipeline saved to {distill(cfg)}")
+        except ConfigError as err:  # what only the loaded teacher shows (a single file's U-Net, say)
+            sys.exit(f"config error: {err}")
 
 
 def infer_main(argv=None) -> None:

@@ -100,3 +100,11 @@ def test_text_encoder_comparison_runs_every_stage_and_scores_both(tmp_path):
         assert (exported.keys() == clip.keys() and all(exported[k].equal(clip[k]) for k in clip)) == same, name
     assert figures["clip_retrieval"]["candidates"] == 100
     assert "trained - random" in done.stdout
+
+
+def test_bench_distill_times_the_student_against_its_teacher(tmp_path):
+    figures, stdout = run_bench("bench_distill.py", tmp_path, "--batch-sizes", "2", "--repeats", "1")
+    row = figures["batch_2"]
+    assert positive(row["teacher_s_per_image"], row["student_s_per_image"], row["ratio"])
+    assert figures["teacher"]["steps"] == 20 and figures["student"] == {**figures["student"], "scheduler": "lcm", "steps": 4}
+    assert "ratio" in stdout

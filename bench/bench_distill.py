@@ -13,6 +13,12 @@ CPU generator per image seeded alike; timed end to end (text encoding, denoising
 conversion). For each batch size each side runs once to warm up, then --repeats times taking
 turns; the best time counts, and the ratio is the teacher's time over the student's.
 
+--train-cost TEACHER_RUN STUDENT_RUN: seconds per optimiser step of stage 3 with the teacher run's config.yaml
+and of distillation with the student run's, each for --cost-steps steps into a temporary directory,
+teacher, student, teacher again in one process (so a drift in machine load shows), from their
+metrics.jsonl times after 5 warm-up steps; with the runs' step counts, the distillation's cost as a
+fraction of the teacher's U-Net training, measured under the same conditions.
+
 --adherence N: `ldm.evaluate.prompt_adherence` over N balanced prompts (seed --seed: the prompts and
 the images' seeds), for the teacher as above and the student at each of --adherence-steps; the
 student's all-five score as a fraction of the teacher's. Tune on a seed other than the one reported.
@@ -21,6 +27,7 @@ student's all-five score as a fraction of the teacher's. Tune on a seed other th
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -51,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adherence", type=int, default=0, metavar="N", help="also score N prompts with the shapes analyzer")
     p.add_argument("--adherence-steps", type=int, nargs="+", default=[1, 2, 4], help="the student's steps scored")
     p.add_argument("--seed", type=int, default=0, help="prompts and image seeds of --adherence (the demo reports 0)")
+    p.add_argument("--train-cost", nargs=2, metavar=("TEACHER_RUN", "STUDENT_RUN"),
+                   help="also time training steps with these runs' config.yaml (stage 3 and distill.py)")
+    p.add_argument("--cost-steps", type=int, default=25, help="steps of each --train-cost run (5 of them warm-up)")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
@@ -112,6 +122,41 @@ def timing(teacher, student, args) -> dict:
     return figures
 
 
+def seconds_per_step(run_dir: Path, warmup: int = 5) -> float:
+    times = {r["step"]: r["time"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    last = max(times)
+    return (times[last] - times[warmup]) / (last - warmup)
+
+
+def train_cost(args) -> dict:
+    from ldm.config import load_config
+    from ldm.train.distill import DistillConfig, distill
+    from ldm.train.ldm import LDMTrainConfig, train_ldm
+
+    teacher_run, student_run = map(Path, args.train_cost)
+    common = [f"train.steps={args.cost_steps}", "train.log_every=1", "train.eval_every=0", "train.save_every=0", "resume="]
+    teacher_cfg = load_config(LDMTrainConfig, teacher_run / "config.yaml")
+    student_cfg = load_config(DistillConfig, student_run / "config.yaml")
+    timed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, cls, run) in enumerate([("teacher", LDMTrainConfig, teacher_run), ("student", DistillConfig, student_run),
+                                              ("teacher", LDMTrainConfig, teacher_run)]):
+            quiet = ["validation.quality_n=0", "validation.prompts=[]"] if cls is LDMTrainConfig else ["validation.prompts=[]"]
+            cfg = load_config(cls, run / "config.yaml", [f"out_dir={tmp}/{i}", *common, *quiet])
+            (train_ldm if cls is LDMTrainConfig else distill)(cfg)
+            timed.append((name, seconds_per_step(Path(tmp) / str(i))))
+            print(f"{name}: {timed[-1][1]:.3f} s per step (batch {cfg.train.batch_size})", flush=True)
+    teacher_s = (timed[0][1] + timed[2][1]) / 2
+    student_s = timed[1][1]
+    cost = {"teacher_s_per_step": [round(timed[0][1], 4), round(timed[2][1], 4)], "student_s_per_step": round(student_s, 4),
+            "teacher_steps": teacher_cfg.train.steps, "student_steps": student_cfg.train.steps,
+            "teacher_batch": teacher_cfg.train.batch_size, "student_batch": student_cfg.train.batch_size}
+    cost["fraction"] = round(student_s * student_cfg.train.steps / (teacher_s * teacher_cfg.train.steps), 3)
+    print(f"distillation: {cost['student_steps']} steps x {student_s:.3f} s = {cost['fraction']:.0%} of the teacher's "
+          f"{cost['teacher_steps']} steps x {teacher_s:.3f} s", flush=True)
+    return {"train_cost": cost}
+
+
 def adherence(teacher, student, args) -> dict:
     from ldm.evaluate import format_scores, prompt_adherence
 
@@ -140,6 +185,8 @@ def main(argv=None) -> dict:
         figures.update(timing(teacher, student, args))
         if args.adherence:
             figures.update(adherence(teacher, student, args))
+    if args.train_cost:
+        figures.update(train_cost(args))
     return report(figures, None, args.json)
 
 

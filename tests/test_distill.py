@@ -298,6 +298,10 @@ def test_bad_configs_caches_and_teachers_fail_before_any_work(teacher, latents, 
     with pytest.raises(CacheMismatchError, match=r"encoded by the teacher's VAE .*\n  vae_hash: cache has"):
         distill(distill_cfg(tmp_path / "y", other, latents))
     assert not (tmp_path / "y").exists()  # refused before the run directory is made
+    # the original single-file layout has no guidance embedding: the full student's export is refused, naming it
+    from ldm.export import export_single_file
+    with pytest.raises(ValueError, match="'time_embedding.cond_proj.weight' has no place in the original SD layout"):
+        export_single_file(full / "pipeline", tmp_path / "student.safetensors")
     # the command line says what is wrong without a traceback
     with pytest.raises(SystemExit, match="config error: .*consistency-distilled already"):
         distill_main([f"out_dir={tmp_path / 'z'}", f"teacher={full}", f"cache={latents['cache']}", *RUN])

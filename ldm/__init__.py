@@ -1,7 +1,8 @@
 """ldm: a latent diffusion (Stable-Diffusion-style) toolkit.
 
 Stages: `ldm.train.vae.train_vae` (KL-VAE), `ldm.train.encode.encode_dataset` (latent cache),
-`ldm.train.ldm.train_ldm` (text-conditioned U-Net); sampling with `load_pipeline` + `generate`.
+`ldm.train.ldm.train_ldm` (text-conditioned U-Net), `ldm.train.distill.distill` (a 1-4 step LCM student
+of a trained pipeline); sampling with `load_pipeline` + `generate`.
 """
 
 __version__ = "0.1.0"

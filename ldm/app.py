@@ -41,6 +41,7 @@ from ldm.viz import (BETA_SCHEDULES, DEFAULT_TIMESTEPS, curves_figure, figure_to
 PIPELINE_SCHEDULE = "this pipeline's training schedule"
 TRAJECTORY_FRAMES = 8      # snapshots of the denoising shown per generation
 MAX_GUIDANCE = 30.0
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 3.0  # the page's first values for a pipeline that recommends none
 
 
 @dataclasses.dataclass
@@ -114,6 +115,9 @@ class Demo:
         self.training_schedule = None if self.flow else training_scheduler(pipe.base_scheduler_config)
         self.forward_schedules = [*([] if self.flow else [PIPELINE_SCHEDULE]), *BETA_SCHEDULES]
         self.schedulers = usable_schedulers(pipe.base_scheduler_config)
+        # a pipeline's recommended sampling (ldm.json: a distilled one's few steps and its distilled scale), else the page's
+        self.default_steps = pipe.default_steps if pipe.sampling else DEFAULT_STEPS
+        self.default_guidance = pipe.default_guidance if pipe.sampling else DEFAULT_GUIDANCE
 
     def generate(self, prompt: str, negative_prompt: str, scheduler: str, steps, guidance_scale, seed, width, height,
                  num_images) -> tuple[list[tuple[Image.Image, str]], Image.Image, str]:
@@ -341,8 +345,10 @@ def build_app(demo: Demo, train: TrainTab | None = None):
                                         value="a large red circle on the left, on a gray background")
                     negative = gr.Textbox(label="negative prompt", elem_id="negative")
                     scheduler = gr.Dropdown(schedulers, value=default_scheduler, label="scheduler", elem_id="scheduler")
-                    steps = gr.Slider(1, limits.max_steps, value=min(25, limits.max_steps), step=1, label="steps", elem_id="steps")
-                    guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.5, label="guidance scale", elem_id="guidance")
+                    steps = gr.Slider(1, limits.max_steps, value=min(demo.default_steps, limits.max_steps), step=1,
+                                      label="steps", elem_id="steps")
+                    guidance = gr.Slider(0, MAX_GUIDANCE, value=demo.default_guidance, step=0.5, label="guidance scale",
+                                         elem_id="guidance")
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                     with gr.Row():
                         width = gr.Slider(m, limits.max_size, value=demo.default_size, step=m, label="width", elem_id="width")

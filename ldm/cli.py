@@ -1,6 +1,6 @@
 """Command-line entry points: each parses `--config FILE key.sub=value ...` and calls the library.
 
-The top-level scripts (train_vae.py, encode.py, train_ldm.py, infer.py) and the console
+The top-level scripts (train_vae.py, encode.py, train_ldm.py, distill.py, infer.py) and the console
 scripts from pyproject.toml both land here.
 """
 
@@ -73,6 +73,17 @@ def train_classifier_main(argv=None) -> None:
     cfg = _load(ClassifierTrainConfig, "Train the noise-aware classifier of classifier guidance on a latent cache.", argv)
     if cfg is not None:
         print(f"classifier saved to {train_classifier(cfg)}")
+
+
+def distill_main(argv=None) -> None:
+    from ldm.train.distill import DistillConfig, distill
+
+    cfg = _load(DistillConfig, "Latent consistency distillation (LCM) of a trained pipeline into a 1-4 step sampler.", argv)
+    if cfg is not None:
+        try:
+            print(f"student pipeline saved to {distill(cfg)}")
+        except ConfigError as err:  # what only the loaded teacher shows (a single file's U-Net, say)
+            sys.exit(f"config error: {err}")
 
 
 def infer_main(argv=None) -> None:

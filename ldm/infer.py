@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from ldm.sampling import (DEFAULT_SAMPLERS, SCHEDULERS, ClassifierGuidance, Inpa
                           seeded_generators)
 
 DEFAULT_SCHEDULER = "dpm++2m"  # for a pipeline whose saved scheduler has no name in SCHEDULERS
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5  # for a pipeline whose ldm.json recommends none
 
 
 @dataclasses.dataclass
@@ -60,6 +62,17 @@ class Pipeline:
     clip_skip: int = 0
     path: str = ""
     classes: list[str] | None = None  # a class-conditional U-Net's class names by label (ldm.json); None: none
+    sampling: dict = dataclasses.field(default_factory=dict)  # ldm.json's recommended "steps" and "guidance_scale"
+                                                               # (a distilled model's: few steps, its distilled scale)
+    consistency: dict | None = None  # ldm.json's record of a consistency-distilled model (distill.py), else None
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.sampling.get("steps", DEFAULT_STEPS))
+
+    @property
+    def default_guidance(self) -> float:
+        return float(self.sampling.get("guidance_scale", DEFAULT_GUIDANCE))
 
     @property
     def device(self) -> torch.device:
@@ -199,7 +212,8 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtyp
     pipe = Pipeline(unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
                     base_scheduler_config=base,
                     default_scheduler=scheduler_name_of(sd.scheduler) or DEFAULT_SAMPLERS[objective_of(base)],
-                    clip_skip=int(record.get("clip_skip", 0)), path=str(path), classes=record.get("classes"))
+                    clip_skip=int(record.get("clip_skip", 0)), path=str(path), sampling=dict(record.get("sampling") or {}),
+                    consistency=record.get("consistency"), classes=record.get("classes"))
     return apply_to_pipeline(pipe, fast) if fast is not None else pipe
 
 
@@ -235,15 +249,32 @@ def _check_request(pipe: Pipeline, prompts, negative_prompts, seeds, width, heig
         raise ValueError(f"{pipe.path}: a 9-channel inpainting UNet needs init_image and mask_image")
 
 
+def check_distilled_guidance(pipe: Pipeline, guidance_scale: float) -> None:
+    """Warn where a consistency-distilled model is asked for a guidance it was not distilled for: with a
+    guidance embedding, a scale outside the distilled range extrapolates; without one (an LCM-LoRA, one
+    scale distilled in), a scale above 1 adds classifier-free guidance on top of the distilled one."""
+    info = pipe.consistency
+    if not info:
+        return
+    low, high = info["guidance"]["w_min"], info["guidance"]["w_max"]
+    if info["guidance"]["embedding_dim"] and not low <= guidance_scale <= high:
+        warnings.warn(f"{pipe.path}: distilled for guidance scales {low}-{high}; {guidance_scale} is outside them")
+    elif not info["guidance"]["embedding_dim"] and guidance_scale > 1:
+        warnings.warn(f"{pipe.path}: guidance {low} is distilled into this model; guidance_scale {guidance_scale} "
+                      "adds classifier-free guidance on top of it (1 turns that off)")
+
+
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list[str] | None = None,
-             seeds: list[int] | None = None, scheduler: str | None = None, steps: int = 25,
-             guidance_scale: float = 7.5, guidance_rescale: float = 0.0, width: int | None = None,
+             seeds: list[int] | None = None, scheduler: str | None = None, steps: int | None = None,
+             guidance_scale: float | None = None, guidance_rescale: float = 0.0, width: int | None = None,
              height: int | None = None, batch_size: int = 4, eta: float = 0.0, init_image=None,
              strength: float | None = None, mask_image=None, keep_unmasked: bool = False,
              trajectory_every: int = 0, progress: bool = True, class_labels: list[str] | str | None = None,
              classifier=None, classifier_scale: float = 0.0) -> list[dict]:
     """One image per prompt, image i from seeds[i] (default 0, 1, ...), `batch_size` at a time.
+    `scheduler`, `steps` and `guidance_scale` default to the pipeline's (`Pipeline.default_*`: a
+    consistency-distilled model samples with "lcm" in a few steps at the scale it was distilled for).
 
     img2img with `init_image` (path or PIL; `strength` defaults to 0.8); inpainting with
     `init_image` + `mask_image` (white = regenerate; `strength` defaults to 1.0), and
@@ -264,7 +295,10 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     scheduler = scheduler or pipe.default_scheduler
+    steps = steps if steps is not None else pipe.default_steps
+    guidance_scale = guidance_scale if guidance_scale is not None else pipe.default_guidance
     make_scheduler(scheduler, pipe.base_scheduler_config)  # a bad name or schedule fails before any work
+    check_distilled_guidance(pipe, guidance_scale)
     images = _image_inputs(pipe, init_image, mask_image, width, height) if init_image is not None else None
     if images is not None:
         height, width = images.image.shape[2:]
@@ -515,8 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--scheduler", help="sampler short name (see --list-schedulers); default: the pipeline's")
     p.add_argument("--list-schedulers", action="store_true", help="print the sampler names and exit")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (img2img runs strength * steps)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; 1 turns it off")
+    p.add_argument("--steps", type=int, help=f"denoising steps (img2img runs strength * steps); default: the "
+                   f"pipeline's ({DEFAULT_STEPS}; a distilled one's, e.g. 4)")
+    p.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance; 1 turns it off; default: the "
+                   f"pipeline's ({DEFAULT_GUIDANCE}; a distilled one's, its distilled scale)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="0..1; 0.7 for zero-terminal-SNR models")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")

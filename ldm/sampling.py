@@ -30,8 +30,8 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                        DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                        FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler,
-                       HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
-                       LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+                       HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler,
+                       LMSDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
@@ -60,6 +60,9 @@ DIFFUSION_SCHEDULERS: dict[str, tuple[type, dict, str]] = {
     "dpm++sde": (DPMSolverSDEScheduler, {}, "DPM-Solver++ SDE, Brownian-tree noise (k-diffusion; needs torchsde)"),
     "unipc": (UniPCMultistepScheduler, {}, "UniPC (Zhao et al. 2023)"),
     "deis": (DEISMultistepScheduler, {}, "DEIS multistep (Zhang & Chen 2023)"),
+    # for consistency-distilled models (distill.py): its original_inference_steps and timestep_scaling come
+    # from the model's schedule (ldm.json), the values it was distilled with
+    "lcm": (LCMScheduler, {}, "multistep latent consistency sampling (Luo et al. 2023): x0, then re-noised"),
 }
 # For models trained with noise.objective=flow: diffusers' FlowMatch* schedulers, and its multistep
 # solvers on flow sigmas (use_flow_sigmas, prediction_type=flow_prediction). Only the latter have
@@ -87,6 +90,7 @@ NOT_CLASSIFIER_GUIDABLE = {
     "kdpm2": "its second stage calls the model at interpolated, non-integer timesteps the classifier never saw",
     "kdpm2_a": "its second stage calls the model at interpolated, non-integer timesteps the classifier never saw",
     "dpm++sde": "its midpoint stage calls the model at interpolated timesteps the classifier never saw",
+    "lcm": "a consistency model's output is its jump to x0, not a score that a classifier's gradient can be added to",
 }
 
 SAMPLER_KEYS = frozenset(key for _, settings, _ in SCHEDULERS.values() for key in settings)
@@ -335,6 +339,27 @@ def predicted_x0(scheduler, model_input: torch.Tensor, prediction: torch.Tensor,
     return prediction
 
 
+def guidance_embedding_dim(unet) -> int | None:
+    """The width of a U-Net's guidance-scale embedding (diffusers' time_cond_proj_dim), None when it has none."""
+    return getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
+
+
+def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, dim) embedding of per-image classifier-free guidance scales, for a U-Net distilled with its
+    teacher's guidance folded in (LCM, Luo et al. 2023, sec. 4.2; the sinusoidal embedding of VDM).
+
+    `guidance_scale` is the usual scale g of uncond + g (cond - uncond) (1: no guidance). The embedding
+    is of g - 1, which is the LCM paper's w (its eq. 9 writes cond + w (cond - uncond)) and exactly what
+    diffusers' StableDiffusionPipeline and LatentConsistencyModelPipeline pass as `timestep_cond` for
+    `guidance_scale=g`. important: distillation (ldm.train.distill) embeds through this same function, so a
+    model distilled at g samples at g here and in diffusers alike.
+    """
+    # the pipeline method uses nothing of `self`: called unbound, it is diffusers' own arithmetic
+    # (g - 1 in double, then float32: the value diffusers' torch.tensor(guidance_scale - 1) holds)
+    w = (torch.as_tensor(guidance_scale, dtype=torch.float64).reshape(-1) - 1).float()
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+
+
 def _step_kwargs(scheduler, generator, eta: float) -> dict:
     """eta and generator for the schedulers whose `step` takes them (diffusers' prepare_extra_step_kwargs)."""
     params = set(inspect.signature(scheduler.step).parameters)
@@ -372,7 +397,9 @@ def denoise(
 
     `noise` is the initial Gaussian noise (not yet scaled by init_noise_sigma); `image_latents`
     the encoded image (scaled) for img2img (`strength` < 1) and 4-channel inpainting; `uncond`
-    the negative-prompt embeddings (guidance is on when given and guidance_scale > 1).
+    the negative-prompt embeddings (guidance is on when given and guidance_scale > 1). A U-Net with a
+    guidance-scale embedding (consistency-distilled, ldm.train.distill) gets `guidance_scale` through it,
+    as diffusers' StableDiffusionPipeline gives it, and `uncond` is not used.
     `callback(i, t, x after the step, predicted x0 at t)` sees every step.
     A class-conditional U-Net (ldm.data.labels) takes `class_labels` (B,), and with guidance on
     `uncond_class_labels` (its null class) in the unconditional branch; `classifier_guidance`
@@ -384,7 +411,13 @@ def denoise(
                          "with a 4-channel UNet blends it back in")
     from_image = image_latents is not None or inpaint is not None
     timesteps, x = _start(scheduler, noise, num_steps, strength, image_latents, from_image)
-    guided = uncond is not None and guidance_scale > 1.0
+    # a consistency-distilled U-Net takes the guidance scale as an input (LCM): one pass per step, no CFG batch
+    embedding_dim = guidance_embedding_dim(unet)
+    guided = uncond is not None and guidance_scale > 1.0 and embedding_dim is None
+    unet_kwargs = {}
+    if embedding_dim is not None:
+        scales = torch.full((x.shape[0],), float(guidance_scale), dtype=torch.float64)
+        unet_kwargs["timestep_cond"] = guidance_embedding(scales, embedding_dim).to(x.device, x.dtype)
     embeddings = torch.cat([uncond, cond]) if guided else cond
     inpaint_channels = []  # what a 9-channel UNet sees beside the latents: the mask and the masked image
     if inpaint is not None and not blend:
@@ -398,6 +431,9 @@ def denoise(
     steered = classifier_guidance is not None and classifier_guidance.scale != 0  # scale 0: bit-identical
     if classifier_guidance is not None:
         problem = classifier_guidance_problem(scheduler, classifier_guidance.schedule)
+        if embedding_dim is not None:
+            problem = problem or ("classifier guidance: this U-Net is consistency-distilled (a guidance-scale embedding); "
+                                  "its output is a jump to x0, not a score; guide the model it was distilled from")
         if problem:
             raise ValueError(problem)
     for i, t in enumerate(timesteps):
@@ -405,7 +441,7 @@ def denoise(
         scaled = model_in[-x.shape[0]:]
         if inpaint_channels:
             model_in = torch.cat([model_in, *inpaint_channels], dim=1)
-        pred = unet(model_in, t, encoder_hidden_states=embeddings, **labels, return_dict=False)[0]
+        pred = unet(model_in, t, encoder_hidden_states=embeddings, return_dict=False, **labels, **unet_kwargs)[0]
         if guided:
             pred_uncond, pred_text = pred.chunk(2)
             pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)

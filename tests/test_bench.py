@@ -115,3 +115,10 @@ def test_text_encoder_comparison_runs_every_stage_and_scores_both(tmp_path):
         assert (ldm_json.get("objective", "diffusion"), row["sampler"]) == {
             "eps": ("diffusion", "dpm++2m"), "v": ("diffusion", "dpm++2m"), "flow": ("flow", "flow-dpm++2m")}[name]
     assert "eps | " in ran.stdout and "flow | " in ran.stdout
+
+def test_bench_distill_times_the_student_against_its_teacher(tmp_path):
+    figures, stdout = run_bench("bench_distill.py", tmp_path, "--batch-sizes", "2", "--repeats", "1")
+    row = figures["batch_2"]
+    assert positive(row["teacher_s_per_image"], row["student_s_per_image"], row["ratio"])
+    assert figures["teacher"]["steps"] == 20 and figures["student"] == {**figures["student"], "scheduler": "lcm", "steps": 4}
+    assert "ratio" in stdout

@@ -22,7 +22,7 @@ SCHEDULES = {
                                                         timestep_spacing="trailing")),
     "flow": scheduler_config(NoiseConfig(objective="flow", shift=3.0)),
 }
-ZERO_SNR_CAPABLE = {"ddpm", "ddim", "euler", "euler_a", "dpm++2m", "dpm++2m_karras", "dpm++2m_sde", "unipc"}
+ZERO_SNR_CAPABLE = {"ddpm", "ddim", "euler", "euler_a", "dpm++2m", "dpm++2m_karras", "dpm++2m_sde", "unipc", "lcm"}
 CASES = [(name, schedule) for schedule in SCHEDULES for name in SCHEDULERS
          if (schedule == "flow") == (sampler_objective(name) == "flow")
          and (schedule != "v_zero_snr_trailing" or name in ZERO_SNR_CAPABLE)]

@@ -1,0 +1,533 @@
+"""Latent consistency distillation (LCM; Luo et al. 2023, "Latent Consistency Models") of a trained
+pipeline into a sampler of 1 to 4 steps.
+
+    python distill.py --config configs/distill/shapes_cpu.yaml
+
+The teacher is any diffusion pipeline `ldm.infer.load_pipeline` reads (our run or pipeline
+directory, a Stable Diffusion diffusers directory or single file) that predicts epsilon, v or x0;
+the student starts as a copy of its U-Net and trains on the latent cache the teacher trained on.
+Each sample of a batch (the paper's Algorithm 1, with its sec. 4.2 guidance and 4.3 skipping steps):
+
+    t        one of the solver's grid t = k - 1, 2k - 1, ..., T - 1 (N = T / k steps), uniformly
+    x_t      the cached latent noised to t;  w ~ U[w_min, w_max], a classifier-free guidance scale
+    online   f(x_t, t, w, c)  = c_skip(t) x_t + c_out(t) x0_student(x_t, t, w, c)
+    solver   x_s, s = t - k:  one DDIM step (eta 0) with the teacher's guided x0 and eps at scale w
+    target   f-(x_s, s, w, c): the same function of the target network, an EMA of the student
+    loss     pseudo-Huber(online - target), sqrt(d^2 + c^2) - c per element (Song & Dhariwal 2023)
+
+Full weights (`lora.rank=0`): the student gets a guidance-scale embedding (diffusers'
+`time_cond_proj_dim`), so one model samples every scale of [w_min, w_max]. LoRA (`lora.rank>0`,
+LCM-LoRA, Luo et al. 2023b): rank-r adapters on the teacher's own U-Net, which has no such input,
+so one scale is distilled (w_min = w_max) and the adapters load onto the teacher as they are.
+
+Output (`<out_dir>/`): `pipeline/` (StableDiffusionPipeline with the student's U-Net and an
+LCMScheduler carrying the solver's grid and time scaling, and `ldm.json` with the "consistency"
+record and the recommended sampling), `lora/` for a LoRA run (the LCM-LoRA: diffusers' and kohya's
+files), `samples/step-N.png` (one row per validation step count), `metrics.jsonl`, `config.yaml`,
+`checkpoints/step-N/` for resume.
+
+Where this departs from diffusers' `examples/consistency_distillation/train_lcm_distill_*_sd_wds.py`:
+- c_skip and c_out come from the LCMScheduler that is exported (`boundary_scalings`), so sampling
+  applies the function that was trained; the scripts take `--timestep_scaling_factor` and save no
+  scheduler, and diffusers' LCMScheduler default (10) applies whatever was trained.
+- the guidance scale is embedded by `ldm.sampling.guidance_embedding`, the g - 1 that diffusers'
+  pipelines pass as `timestep_cond` for `guidance_scale=g`, and CFG uses the same g.
+- the student's new embedding layer starts at zero, so the student starts as the teacher exactly
+  (theirs: a random layer); the LoRA script draws w from a range its student cannot see (no
+  embedding), which distils an average of scales: here a LoRA distils one.
+- the grid's first step, t = k - 1, targets clean data (alpha_bar = 1 and f(x, s < 0) = x),
+  where the scripts stop at alpha_bar_0.
+- the unconditional input is the empty prompt encoded as the teacher was trained (its clip_skip,
+  its tokenizer's length); teacher, student and target run in eval mode (no dropout in the target).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import random
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from ldm.config import ConfigError, require, to_dict
+from ldm.data.cache import CacheMismatchError, LatentCache, open_cache, text_identity, vae_identity
+from ldm.data.captions import CaptionConfig, process_caption
+from ldm.data.images import image_grid
+from ldm.diffusion import objective_of
+from ldm.infer import Pipeline, _ldm_record, load_pipeline, resolve_pipeline_dir
+from ldm.models.lora import LoRAConfig, add_lora, merge_lora, save_lora
+from ldm.models.paths import model_path_problem
+from ldm.models.text import encode_prompts
+from ldm.sampling import (decode_latents, denoise, guidance_embedding, initial_noise, make_scheduler,
+                          seeded_generators)
+from ldm.pipeline import save_pipeline
+from ldm.train.common import (LoopConfig, lr_lambda, make_accelerator, make_optimizer, register_schedule, resume,
+                              sample_generators, start_run, uniform)
+from ldm.train.ema import make_ema, swapped_ema
+from ldm.train.ldm import finetune_source, most_common_size, random_flips, size_batches
+from ldm.train.loop import run_loop
+
+SOLVER_PREDICTIONS = ("epsilon", "v_prediction", "sample")  # what the solver turns into x0 and eps (LCMScheduler's)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what LCMScheduler builds
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class GuidanceConfig:
+    w_min: float = 2.0         # classifier-free guidance scales distilled, each sample's drawn U[w_min, w_max]; the
+    w_max: float = 6.0         # usual scale g of uncond + g (cond - uncond) (1: none), as infer.py's --guidance-scale
+    embedding_dim: int = 256   # width of the student's guidance-scale embedding (time_cond_proj_dim); 0: none, one
+                               # scale distilled in (w_min = w_max; what a LoRA needs, to load onto the teacher)
+
+    def validate(self) -> None:
+        require(0 <= self.w_min <= self.w_max, f"guidance: need 0 <= w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
+        require(self.embedding_dim >= 0, f"guidance.embedding_dim must be >= 0, got {self.embedding_dim}")
+        require(bool(self.embedding_dim) or self.w_min == self.w_max,
+                f"guidance.embedding_dim=0: a student without a guidance embedding cannot tell scales apart and would "
+                f"learn an average of [{self.w_min}, {self.w_max}]; set guidance.w_max = guidance.w_min (one scale)")
+
+
+@dataclasses.dataclass
+class ConsistencyConfig:
+    solver_steps: int = 50         # N: the DDIM solver's grid of N timesteps k = T / N apart (t = k-1, 2k-1, ..., T-1;
+                                   # the exported LCMScheduler's original_inference_steps); a training step jumps k
+    timestep_scaling: float = 10.0 # time scale of c_skip, c_out (LCMScheduler's timestep_scaling; at 10, c_skip is ~0
+                                   # except at t = 0, so f is the predicted x0)
+    target_decay: float = 0.95     # EMA rate of the target network; 0: the student itself, without gradient (iCT)
+    huber_c: float = 0.001         # pseudo-Huber loss sqrt(d^2 + c^2) - c per latent element; 0: squared error
+
+    def validate(self) -> None:
+        require(self.solver_steps >= 1, f"consistency.solver_steps must be >= 1, got {self.solver_steps}")
+        require(self.timestep_scaling > 0, f"consistency.timestep_scaling must be > 0, got {self.timestep_scaling}")
+        require(0 <= self.target_decay < 1, f"consistency.target_decay must be in [0, 1), got {self.target_decay}")
+        require(self.huber_c >= 0, f"consistency.huber_c must be >= 0, got {self.huber_c}")
+
+
+@dataclasses.dataclass
+class DistillValidationConfig:
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["a large red circle in the center, on a white background"])
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3])  # one image per prompt and seed
+    steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])   # one grid row block per step count
+
+    def validate(self) -> None:
+        require(all(s >= 1 for s in self.steps), f"validation.steps must all be >= 1, got {self.steps}")
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    out_dir: str = "runs/distill"      # run directory; the student's pipeline lands in <out_dir>/pipeline
+    resume: str = "latest"             # "latest" (re-running the same command resumes), "" or a checkpoint path
+    teacher: str = "runs/ldm"          # the pipeline to distil: our run or pipeline dir, an SD diffusers dir or .safetensors
+    cache: str = "runs/latents"        # the latent cache the teacher trained on (refused unless made by its VAE)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # rank > 0: an LCM-LoRA (adapters only)
+    guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
+    consistency: ConsistencyConfig = dataclasses.field(default_factory=ConsistencyConfig)
+    train: LoopConfig = dataclasses.field(default_factory=LoopConfig)  # train.ema_decay: the exported weights' EMA
+    captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)  # as the teacher was trained
+    validation: DistillValidationConfig = dataclasses.field(default_factory=DistillValidationConfig)
+    latent_sample: Literal["sample", "mode"] = "sample"  # draw z ~ q(z|x) each time, or use its mean
+    sample_steps: int = 4              # the export's recommended steps (ldm.json "sampling": infer.py's, app.py's default)
+    sample_guidance: float | None = None  # its recommended scale; None: the middle of [w_min, w_max] (no embedding: 1,
+                                          # since the scale is distilled in and more would add CFG on top)
+
+    def validate(self) -> None:
+        problem = model_path_problem(self.teacher)
+        require(problem is None, f"teacher: {problem}")
+        require(Path(self.cache).is_dir(), f"cache: no latent cache directory {self.cache!r} (the one the teacher trained on)")
+        require(self.sample_steps >= 1, f"sample_steps must be >= 1, got {self.sample_steps}")
+        require(not (self.lora.rank and self.guidance.embedding_dim),
+                "lora.rank > 0 with guidance.embedding_dim > 0: an LCM-LoRA loads onto the teacher's U-Net, which has no "
+                "guidance-embedding input; set guidance.embedding_dim=0 and one scale (guidance.w_min = guidance.w_max), "
+                "or lora.rank=0 to distil full weights with the embedding")
+        if self.sample_guidance is not None and self.guidance.embedding_dim:
+            require(self.guidance.w_min <= self.sample_guidance <= self.guidance.w_max,
+                    f"sample_guidance={self.sample_guidance} is outside the distilled range "
+                    f"[{self.guidance.w_min}, {self.guidance.w_max}]")
+        schedule = finetune_source(resolve_pipeline_dir(self.teacher)).scheduler
+        if schedule is not None:
+            problem = teacher_schedule_problem(schedule, self.consistency.solver_steps)
+            require(problem is None, f"teacher {self.teacher}: {problem}")
+
+    @property
+    def recommended_guidance(self) -> float:
+        """The scale the export samples with by default."""
+        if self.sample_guidance is not None:
+            return self.sample_guidance
+        return (self.guidance.w_min + self.guidance.w_max) / 2 if self.guidance.embedding_dim else 1.0
+
+
+def teacher_schedule_problem(schedule: dict, solver_steps: int) -> str | None:
+    """Why the DDIM solver and LCMScheduler cannot distil a teacher trained with `schedule` (a diffusers
+    scheduler config, as ldm.json or scheduler/ records it), or None when they can."""
+    if objective_of(schedule) == "flow":
+        return ("it is a flow-matching model (noise.objective=flow: velocity prediction on x_t = (1 - t) x0 + t eps); this "
+                "distillation's DDIM solver and the LCMScheduler it exports integrate the DDPM process. Distil a diffusion "
+                f"teacher (prediction_type {', '.join(SOLVER_PREDICTIONS)})")
+    kind = schedule.get("prediction_type", "epsilon")
+    if kind not in SOLVER_PREDICTIONS:
+        return f"prediction_type={kind!r}: the solver takes {', '.join(SOLVER_PREDICTIONS)}"
+    beta = schedule.get("beta_schedule", "linear")
+    if schedule.get("trained_betas") is None and beta not in BETA_SCHEDULES:
+        return f"beta_schedule={beta!r}: LCMScheduler builds {', '.join(BETA_SCHEDULES)} (or explicit trained_betas)"
+    if schedule.get("rescale_betas_zero_snr") and kind == "epsilon":
+        return ("zero-terminal-SNR schedule (rescale_betas_zero_snr) with epsilon prediction: x0 = (x_T - eps) / 0 at "
+                "t = T; such a teacher must predict v")
+    total = int(schedule.get("num_train_timesteps", 1000))
+    if solver_steps > total:
+        return f"consistency.solver_steps={solver_steps} exceeds its {total} training timesteps"
+    return None
+
+
+# ----------------------------------------------------------------------------- the solver and the consistency function
+
+
+class DDIMSolver:
+    """The skipping-step solver of LCM (Luo et al. 2023, sec. 4.3): one deterministic DDIM step (Song et al.
+    2021, eq. 12 with eta = 0) from t to s = t - k on the teacher's schedule, on the grid of LCMScheduler
+    (t = k - 1, 2k - 1, ..., its `lcm_origin_timesteps`). s < 0 is clean data: alpha_bar = 1."""
+
+    def __init__(self, scheduler: LCMScheduler):
+        self.prediction_type = scheduler.config.prediction_type
+        self.alphas_cumprod = scheduler.alphas_cumprod.double()  # the exported scheduler's: one schedule everywhere
+        steps = scheduler.config.original_inference_steps
+        self.k = scheduler.config.num_train_timesteps // steps
+        self.grid = torch.arange(1, steps + 1) * self.k - 1
+
+    def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """alpha_bar_t per item (1 where t < 0), shaped to broadcast over `like`."""
+        t = t.to(self.alphas_cumprod.device).long()
+        abar = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
+        return abar.to(like.device, like.dtype).view(-1, *[1] * (like.ndim - 1))
+
+    def x0_and_eps(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) of x_t = sqrt(abar) x0 + sqrt(1 - abar) eps from the model's prediction."""
+        abar = self.alpha_bar(t, x)
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+        if self.prediction_type == "epsilon":
+            return (x - b * prediction) / a, prediction
+        if self.prediction_type == "v_prediction":  # v = a eps - b x0 (Salimans & Ho 2022, eq. 9)
+            return a * x - b * prediction, a * prediction + b * x
+        return prediction, (x - a * prediction) / b  # "sample"
+
+    def step(self, x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps: the DDIM update that keeps x0 and eps."""
+        abar = self.alpha_bar(s, x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+
+
+def boundary_scalings(scheduler: LCMScheduler, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of f(x, t) = c_skip x + c_out x0 (Song et al. 2023, eq. 8), from the exported
+    LCMScheduler itself, so that its `step` applies the function trained; (1, 0) for t < 0 (clean data)."""
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t.double())
+    c_skip, c_out = torch.where(t < 0, 1.0, c_skip), torch.where(t < 0, 0.0, c_out)
+    shape = (-1, *[1] * (like.ndim - 1))
+    return c_skip.to(like.device, like.dtype).view(shape), c_out.to(like.device, like.dtype).view(shape)
+
+
+def consistency_output(scheduler: LCMScheduler, solver: DDIMSolver, prediction: torch.Tensor, x: torch.Tensor,
+                       t: torch.Tensor) -> torch.Tensor:
+    """f(x_t, t) from a U-Net prediction: what LCMScheduler.step calls `denoised`."""
+    c_skip, c_out = boundary_scalings(scheduler, t, x)
+    return c_skip * x + c_out * solver.x0_and_eps(prediction, x, t)[0]
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """mean of sqrt((a - b)^2 + c^2) - c (Song & Dhariwal 2023, sec. 3.3; per element, as LCM's scripts);
+    c = 0: the mean squared error."""
+    d = (a.float() - b.float()) ** 2
+    return (torch.sqrt(d + c * c) - c).mean() if c else d.mean()
+
+
+def lcm_scheduler(schedule: dict, cfg: ConsistencyConfig) -> LCMScheduler:
+    """The LCMScheduler of the teacher's schedule with the solver's grid and time scaling: the scheduler the
+    export samples with, and where training takes alpha_bar, c_skip and c_out from."""
+    return make_scheduler("lcm", student_schedule(schedule, cfg))
+
+
+def student_schedule(schedule: dict, cfg: ConsistencyConfig) -> dict:
+    """The teacher's schedule plus what LCM sampling needs to match the training (ldm.json's training_scheduler)."""
+    return {**schedule, "original_inference_steps": cfg.solver_steps, "timestep_scaling": cfg.timestep_scaling}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_teacher(cfg: DistillConfig) -> Pipeline:
+    """The teacher pipeline in float32 on the CPU (the trainer moves what runs), checked for what the solver needs."""
+    teacher = load_pipeline(cfg.teacher, device="cpu", dtype=torch.float32)
+    problem = teacher_schedule_problem(teacher.base_scheduler_config, cfg.consistency.solver_steps)
+    if teacher.consistency or teacher.unet.config.time_cond_proj_dim is not None:
+        problem = problem or ("it is consistency-distilled already (its U-Net has a guidance-scale embedding, "
+                              "time_cond_proj_dim); distil the model it came from")
+    if problem:
+        raise ConfigError(f"teacher {cfg.teacher}: {problem}")
+    for module in (teacher.unet, teacher.vae, teacher.text_encoder):
+        module.requires_grad_(False)
+    return teacher
+
+
+def student_unet(teacher: UNet2DConditionModel, embedding_dim: int) -> UNet2DConditionModel:
+    """A copy of the teacher's U-Net, with a guidance-scale embedding of `embedding_dim` added to the time
+    embedding (0: none). important: the new projection starts at zero, so the student computes exactly
+    what the teacher does until it trains; every other weight is the teacher's, checked by name."""
+    if not embedding_dim:
+        return copy.deepcopy(teacher)
+    student = UNet2DConditionModel.from_config(teacher.config, time_cond_proj_dim=embedding_dim)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    new = ["time_embedding.cond_proj.weight"]  # a Linear without bias, added to the sinusoidal time features
+    if list(missing) != new or unexpected:
+        raise RuntimeError(f"student U-Net: expected only {new} new, got missing {missing}, unexpected {unexpected}")
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(teacher.device)
+
+
+class TargetNetwork:
+    """The target network of consistency training: the student's trained parameters averaged at a constant rate
+    (diffusers' EMAModel with min_decay = decay; its first update copies the student), evaluated through
+    torch.func.functional_call so the student's own weights are never swapped; at rate 0 the student itself."""
+
+    def __init__(self, unet: torch.nn.Module, decay: float, device):
+        self.names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        params = [p for p in unet.parameters() if p.requires_grad]
+        self.ema = None
+        if decay:
+            self.ema = EMAModel(params, decay=decay, min_decay=decay, use_ema_warmup=False)
+            self.ema.to(device)
+
+    def step(self, params: list[torch.nn.Parameter]) -> None:
+        if self.ema is not None:
+            self.ema.step(params)
+
+    def __call__(self, unet: torch.nn.Module, *args, **kwargs):
+        if self.ema is None:
+            return unet(*args, **kwargs)
+        return torch.func.functional_call(unet, dict(zip(self.names, self.ema.shadow_params)), args, kwargs)
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module, adapters: bool = True):
+    """`module` in eval mode (every submodule's own flag restored after), its LoRA adapters off with `adapters=False`."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    if not adapters:
+        module.disable_adapters()
+    try:
+        yield module
+    finally:
+        if not adapters:
+            module.enable_adapters()
+        for m, training in modes.items():
+            m.training = training
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def distill(cfg: DistillConfig) -> Path:
+    out_dir = Path(cfg.out_dir)
+    loop, cc = cfg.train, cfg.consistency
+    accelerator = make_accelerator(loop, out_dir)
+    # --- teacher and data: the cache must be the teacher's VAE's (checked before the run directory is made)
+    teacher = load_teacher(cfg)
+    try:
+        cache = open_cache(cfg.cache, "train", expect=vae_identity(teacher.vae))
+    except CacheMismatchError as err:
+        raise CacheMismatchError(f"the student trains on the teacher's latents, encoded by the teacher's VAE "
+                                 f"({teacher.path}/vae); this cache is not: {err}") from None
+    latent_hw = most_common_size(cache)
+    log = start_run(accelerator, cfg, out_dir, "distill")
+    torch.manual_seed(loop.seed)
+    device = accelerator.device
+    scheduler = lcm_scheduler(teacher.base_scheduler_config, cc)
+    solver = DDIMSolver(scheduler)
+    accelerator.print(f"distilling {teacher.path} ({solver.prediction_type}): solver grid of {len(solver.grid)} steps, "
+                      f"k={solver.k}; guidance {cfg.guidance.w_min}-{cfg.guidance.w_max}, "
+                      f"{'LoRA rank ' + str(cfg.lora.rank) if cfg.lora.rank else 'full weights'}")
+
+    # --- models: frozen teacher and text encoder; the student (full, or LoRA on the teacher's own U-Net)
+    text_encoder, tokenizer = teacher.text_encoder.to(device), teacher.tokenizer
+    if cfg.lora.rank:
+        unet = teacher.unet  # the teacher is this U-Net with its adapters off
+        trainable = add_lora(unet, cfg.lora)
+    else:
+        unet = student_unet(teacher.unet, cfg.guidance.embedding_dim)
+        trainable = list(unet.parameters())
+        teacher.unet.to(device).eval()
+    unet.to(device)
+    optimizer = make_optimizer(trainable, loop)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(loop))
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    register_schedule(accelerator, lr_sched)
+    raw = accelerator.unwrap_model(unet)
+    target = TargetNetwork(raw, cc.target_decay, device)
+    if target.ema is not None:
+        accelerator.register_for_checkpointing(target.ema)
+    ema = make_ema(trainable, loop, device)  # the exported weights' average (train.ema_decay), as stage 3's
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    with torch.no_grad():
+        empty = encode_prompts(text_encoder, tokenizer, [""], clip_skip=teacher.clip_skip)
+    use_cached_text = cache.text_matches(text_identity(text_encoder, tokenizer, teacher.clip_skip))
+    teacher_unet = (lambda: evaluating(raw, adapters=False)) if cfg.lora.rank else (lambda: evaluating(teacher.unet))
+
+    # --- resume: the step fixes the data position and every random draw after it
+    step, guard = resume(accelerator, out_dir, cfg.resume, loop.max_nonfinite_steps)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches = size_batches(cache.size_groups(), loop.batch_size, loop.seed, step * loop.grad_accum, rank, world)
+
+    def train_step(step: int) -> dict:
+        losses = []
+        for micro in range(loop.grad_accum):
+            indices = next(batches)
+            gen = sample_generators(loop.seed, step, micro, rank * len(indices), len(indices))
+            z, cond, t, w = distill_inputs(cfg, cache, indices, gen, solver, text_encoder, tokenizer, teacher.clip_skip,
+                                           device, use_cached_text)
+            noise = randn_tensor(z.shape, generator=gen, device=z.device, dtype=z.dtype)
+            x_t = scheduler.add_noise(z, noise, t)
+            s = t - solver.k
+            w_emb = (guidance_embedding(w, cfg.guidance.embedding_dim).to(device, z.dtype)
+                     if cfg.guidance.embedding_dim else None)
+            with accelerator.accumulate(unet):
+                online = consistency_output(scheduler, solver, unet(x_t, t, cond, timestep_cond=w_emb).sample, x_t, t)
+                with torch.no_grad():
+                    x_s = teacher_step(teacher_unet, solver, x_t, t, s, cond, empty, w, accelerator)
+                    with evaluating(raw), accelerator.autocast():
+                        pred = target(raw, x_s, s.clamp(min=0), cond, timestep_cond=w_emb).sample
+                    goal = consistency_output(scheduler, solver, pred.float(), x_s, s)
+                loss = pseudo_huber(online, goal, cc.huber_c)
+                if guard.ok(loss):
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and loop.max_grad_norm:
+                        accelerator.clip_grad_norm_(trainable, loop.max_grad_norm)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        lr = lr_sched.get_last_lr()[0]
+        lr_sched.step()  # once per optimiser step
+        target.step(trainable)
+        if ema is not None:
+            ema.step(trainable)
+        return {"loss": torch.stack(losses).float().mean(), "lr": lr}
+
+    def evaluate(step: int) -> None:
+        with swapped_ema(ema, trainable):
+            sample_grid(cfg, raw, teacher, latent_hw, out_dir / "samples" / f"step-{step:06d}.png")
+
+    def export(step: int) -> None:
+        """The (EMA) student with an LCMScheduler; LoRA: merged, and the adapters alone in lora/."""
+        student = raw
+        if ema is not None:
+            ema.copy_to(trainable)
+        student.eval()
+        sample_grid(cfg, student, teacher, latent_hw, out_dir / "samples" / f"step-{step:06d}.png")
+        if cfg.lora.rank:
+            save_lora(student, out_dir / "lora", name=out_dir.resolve().name)
+            student = merge_lora(student)
+        export_student(cfg, student, teacher, scheduler, latent_hw, out_dir / "pipeline")
+
+    unet.train()
+    run_loop(accelerator, loop, out_dir, log, guard, step, "distill", train_step, evaluate, export)
+    return out_dir / "pipeline"
+
+
+def distill_inputs(cfg: DistillConfig, cache: LatentCache, indices: list[int], gen: list[torch.Generator],
+                   solver: DDIMSolver, text_encoder, tokenizer, clip_skip: int, device, use_cached_text: bool):
+    """(latents, text conditioning, grid timesteps t, guidance scales w) of a micro-batch, each sample's draws
+    from its own generator: flip, posterior sample, caption, then t and w. No caption dropout: the
+    guidance the dropout trained for is the teacher's, and the student learns its result."""
+    flip = random_flips(cache, gen)
+    z = cache.latents(indices, generator=gen, mode=cfg.latent_sample == "mode", flip=flip).to(device)
+    rngs = [random.Random(int(torch.randint(0, 2**31, (1,), generator=g))) for g in gen]
+    prompts = [process_caption(cache.captions[i], cfg.captions, r) for i, r in zip(indices, rngs)]
+    cond = cache.text_embeddings(prompts) if use_cached_text else None
+    if cond is None:
+        with torch.no_grad():
+            cond = encode_prompts(text_encoder, tokenizer, prompts, clip_skip=clip_skip)
+    n = torch.cat([torch.randint(0, len(solver.grid), (1,), generator=g) for g in gen])
+    low, high = cfg.guidance.w_min, cfg.guidance.w_max
+    w = low + (high - low) * uniform(gen)
+    return z, cond.to(device, z.dtype), solver.grid[n].to(device), w
+
+
+def teacher_step(teacher_unet, solver: DDIMSolver, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                 cond: torch.Tensor, empty: torch.Tensor, w: torch.Tensor, accelerator) -> torch.Tensor:
+    """x_s: the DDIM step from t to s with the teacher's classifier-free guided prediction at scales w
+    (uncond + w (cond - uncond), one batch of both; x0 and eps are linear in it, so guiding the prediction
+    guides both, as LCM's eq. 9 guides each)."""
+    with teacher_unet() as unet, accelerator.autocast():
+        both = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([empty.expand_as(cond), cond])).sample.float()
+    uncond, text = both.chunk(2)
+    w = w.to(x_t.device, x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
+    x0, eps = solver.x0_and_eps(uncond + w * (text - uncond), x_t, t)
+    return solver.step(x0, eps, s)
+
+
+# ----------------------------------------------------------------------------- validation and export
+
+
+@torch.no_grad()
+def sample_grid(cfg: DistillConfig, unet, teacher: Pipeline, latent_hw: tuple[int, int], path: Path) -> None:
+    """One row per (step count, prompt), one column per seed, sampled by LCMScheduler at the recommended scale."""
+    val = cfg.validation
+    if not (val.prompts and val.seeds and val.steps):
+        return
+    device = next(unet.parameters()).device
+    prompts = [p for p in val.prompts for _ in val.seeds]
+    seeds = [s for _ in val.prompts for s in val.seeds]
+    cond = encode_prompts(teacher.text_encoder, teacher.tokenizer, prompts, clip_skip=teacher.clip_skip)
+    uncond = encode_prompts(teacher.text_encoder, teacher.tokenizer, [""] * len(prompts), clip_skip=teacher.clip_skip)
+    images = []
+    with evaluating(unet):
+        for steps in val.steps:
+            scheduler = lcm_scheduler(teacher.base_scheduler_config, cfg.consistency)
+            generators = seeded_generators(seeds)
+            noise = initial_noise((len(prompts), unet.config.in_channels, *latent_hw), generators, device, cond.dtype)
+            latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=steps,
+                              guidance_scale=cfg.recommended_guidance, generator=generators)
+            images.append(decode_latents(teacher.vae.to(device), latents).cpu())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(torch.cat(images) * 2 - 1, nrow=len(val.seeds)).save(path)
+
+
+def export_student(cfg: DistillConfig, unet, teacher: Pipeline, scheduler: LCMScheduler, latent_hw: tuple[int, int],
+                   path: Path) -> None:
+    """A StableDiffusionPipeline directory (the student's U-Net, the teacher's VAE, text encoder and tokenizer, the
+    LCMScheduler trained for) that diffusers samples as it is, plus `ldm.json`: the "consistency" record and
+    the recommended sampling, which infer.py and app.py take as their defaults."""
+    pipe = StableDiffusionPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    record = _ldm_record(resolve_pipeline_dir(cfg.teacher))
+    factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    info = {
+        "objective": "diffusion",
+        "clip_skip": teacher.clip_skip,
+        "training_scheduler": student_schedule(teacher.base_scheduler_config, cfg.consistency),
+        "latent_size": list(latent_hw),
+        "image_size": [s * factor for s in latent_hw],
+        "sampling": {"scheduler": "lcm", "steps": cfg.sample_steps, "guidance_scale": cfg.recommended_guidance},
+        "consistency": {
+            "method": "lcm",                                 # latent consistency distillation (Luo et al. 2023)
+            "teacher": str(cfg.teacher),
+            "teacher_prediction_type": teacher.base_scheduler_config.get("prediction_type", "epsilon"),
+            "guidance": {"w_min": cfg.guidance.w_min, "w_max": cfg.guidance.w_max,
+                         "embedding_dim": cfg.guidance.embedding_dim,
+                         "embedding_of": "guidance_scale - 1 (diffusers' timestep_cond)"},
+            "solver": "ddim", "solver_steps": cfg.consistency.solver_steps, "skip": DDIMSolver(scheduler).k,
+            "timestep_scaling": cfg.consistency.timestep_scaling,
+            "target_decay": cfg.consistency.target_decay, "huber_c": cfg.consistency.huber_c,
+            "lora": to_dict(cfg.lora) if cfg.lora.rank else None,  # merged into unet/; the adapters alone in ../lora/
+            "steps": cfg.train.steps, "ema_decay": cfg.train.ema_decay,
+        },
+        "split": record.get("split"),
+        "train_config": to_dict(cfg),
+    }
+    save_pipeline(pipe, path, info)

@@ -11,6 +11,7 @@ configs/ldm/shapes_cpu.yaml, changing only the noise section:
     eps    noise.prediction_type=epsilon (the demo's own U-Net: <demo>/ldm, when it is there)
     v      noise.prediction_type=v_prediction (Salimans & Ho 2022), the same DDPM schedule and min-SNR
     flow   noise.objective=flow (rectified flow, SD3: logit-normal t, no shift)
+    flow-uniform   the same with t ~ U[0, 1] (--objectives flow-uniform; not in the default set)
 
 Same seed, steps, batch, learning rate and data order for all three. Each exported pipeline is
 sampled for --n balanced prompts (`ldm.evaluate.prompt_adherence`, seed 0, guidance 4) with the
@@ -39,6 +40,7 @@ OBJECTIVES = {  # name: (noise overrides, sampler)
     "eps": ([], "dpm++2m"),
     "v": (["noise.prediction_type=v_prediction"], "dpm++2m"),
     "flow": (["noise={objective: flow}"], "flow-dpm++2m"),
+    "flow-uniform": (["noise={objective: flow, timestep_sampling: uniform}"], "flow-dpm++2m"),
 }
 
 
@@ -47,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--demo", required=True, help="a `python demo.py` run directory (clip/, vae/, latents/, ldm/)")
     p.add_argument("--cache", help="the latent cache (default: <demo>/latents)")
     p.add_argument("--out", required=True, help="where the U-Nets and figures.json go")
-    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    p.add_argument("--objectives", nargs="+", default=["eps", "v", "flow"], choices=list(OBJECTIVES))
     p.add_argument("--steps", type=int, help="train.steps of every U-Net (warm-up a tenth of it); default: the config's")
     p.add_argument("--sample-steps", type=int, nargs="+", default=[20, 8, 4])
     p.add_argument("--n", type=int, default=128, help="prompts scored per U-Net and step count")

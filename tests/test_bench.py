@@ -116,6 +116,7 @@ def test_text_encoder_comparison_runs_every_stage_and_scores_both(tmp_path):
             "eps": ("diffusion", "dpm++2m"), "v": ("diffusion", "dpm++2m"), "flow": ("flow", "flow-dpm++2m")}[name]
     assert "eps | " in ran.stdout and "flow | " in ran.stdout
 
+
 def test_bench_distill_times_the_student_against_its_teacher(tmp_path):
     figures, stdout = run_bench("bench_distill.py", tmp_path, "--batch-sizes", "2", "--repeats", "1")
     row = figures["batch_2"]

@@ -15,8 +15,8 @@ turns; the best time counts, and the ratio is the teacher's time over the studen
 
 --train-cost TEACHER_RUN STUDENT_RUN: seconds per optimiser step of stage 3 with the teacher run's config.yaml
 and of distillation with the student run's, each for --cost-steps steps into a temporary directory,
-teacher, student, teacher again in one process (so a drift in machine load shows), from their
-metrics.jsonl times after 5 warm-up steps; with the runs' step counts, the distillation's cost as a
+teacher, student, teacher again in one process (so a drift in machine load shows), the median of the
+times between steps in their metrics.jsonl after 5 warm-up steps; with the runs' step counts, the distillation's cost as a
 fraction of the teacher's U-Net training, measured under the same conditions.
 
 --adherence N: `ldm.evaluate.prompt_adherence` over N balanced prompts (seed --seed: the prompts and
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -123,9 +124,11 @@ def timing(teacher, student, args) -> dict:
 
 
 def seconds_per_step(run_dir: Path, warmup: int = 5) -> float:
-    times = {r["step"]: r["time"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
-    last = max(times)
-    return (times[last] - times[warmup]) / (last - warmup)
+    """The median time between consecutive steps after `warmup` (log_every=1): a step slowed by other work on a
+    shared machine, or a process paused for a while, moves the median little."""
+    records = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    times = [r["time"] for r in records if r["step"] >= warmup]
+    return statistics.median(b - a for a, b in zip(times, times[1:]))
 
 
 def train_cost(args) -> dict:

@@ -15,6 +15,7 @@ from ldm.data.shapes import (
     COLORS,
     MIN_GAP,
     PHRASINGS,
+    POSITION_PHRASES,
     POSITIONS,
     SHAPES,
     SIZES,
@@ -154,6 +155,42 @@ def test_several_captions_per_image_use_different_phrasings():
     item = ShapesDataset(size=5, captions_per_image=3)[2]
     assert isinstance(item["caption"], list) and len(set(item["caption"])) == 3
     assert all(parse_caption(text) == without_jitter(item["scene"]) for text in item["caption"])
+
+
+def test_attribute_dropout_leaves_words_out_and_says_only_what_is_true():
+    full = ShapesDataset(size=300, resolution=8)
+    partial = ShapesDataset(size=300, resolution=8, attribute_dropout=0.3)
+    said = {a: 0 for a in ("size", "color", "shape", "position", "background")}
+    for i in range(300):
+        item, text = full[i], partial[i]["caption"]
+        assert partial[i]["scene"] == item["scene"]  # the images are those of the full captions
+        obj, scene = item["scene"].objects[0], item["scene"]
+        words = set(text.replace(",", " ").split())
+        said["size"] += obj.size in words
+        said["color"] += obj.color in words
+        said["shape"] += obj.shape in words
+        said["position"] += POSITION_PHRASES[obj.position] in text
+        said["background"] += scene.background in text
+        other = [w for w in (*COLORS, *SHAPES, *SIZES, *BACKGROUNDS) if w not in (obj.color, obj.shape, obj.size, scene.background)]
+        assert not words & set(other), text  # never a wrong attribute
+        assert text.startswith(("a ", "an ")) or scene.background in text
+    assert all(150 <= n <= 270 for n in said.values()), said  # each kept about 70% of the time, independently
+    assert not any(" shape" in full[i]["caption"] for i in range(300))
+    assert "an orange shape" == caption(Scene("gray", (ShapeObject("star", "orange", "small", "left"),)),
+                                        omit={"size", "shape", "position", "background"})
+
+
+def test_two_object_fraction_mixes_scenes_and_keeps_the_single_ones():
+    single = ShapesDataset(size=200, resolution=8)
+    mixed = ShapesDataset(size=200, resolution=8, two_object_fraction=0.5)
+    counts = [len(mixed[i]["scene"].objects) for i in range(200)]
+    assert 70 <= counts.count(2) <= 130
+    assert all(mixed[i]["scene"] == single[i]["scene"] for i in range(200) if counts[i] == 1)
+    assert all(" and " in mixed[i]["caption"] for i in range(200) if counts[i] == 2)
+    with pytest.raises(ValueError, match="two_object_fraction"):
+        ShapesDataset(num_objects=2, two_object_fraction=0.5)
+    with pytest.raises(ValueError, match="attribute_dropout"):
+        ShapesDataset(attribute_dropout=1.0)
 
 
 def test_generation_is_fast():

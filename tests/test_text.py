@@ -193,9 +193,24 @@ def test_encode_prompts_shape_and_clip_skip(encoder, tokenizer):
     assert not torch.allclose(skipped, last)
 
 
+def test_clip_skip_of_every_layer_gives_each_word_alone(encoder, tokenizer):
+    """clip_skip = the number of layers: the embeddings under the final LayerNorm, so a token's
+    vector is the same whatever words come before it (diffusers' clip_skip gives the same)."""
+    n = encoder.config.num_hidden_layers
+    embedded = encode_prompts(encoder, tokenizer, ["a red star", "a blue star"], clip_skip=n)
+    no_layers = copy.deepcopy(encoder)
+    no_layers.encoder.layers = no_layers.encoder.layers[:0]
+    torch.testing.assert_close(embedded, encode_prompts(no_layers, tokenizer, ["a red star", "a blue star"]))
+    star = len(tokenizer("a red star").input_ids) - 2  # <start> a red star <end>: the word's place
+    torch.testing.assert_close(embedded[0, star], embedded[1, star])
+    assert not torch.allclose(embedded[0, star - 1], embedded[1, star - 1])  # red, blue
+    contextual = encode_prompts(encoder, tokenizer, ["a red star", "a blue star"])
+    assert not torch.allclose(contextual[0, star], contextual[1, star])
+
+
 def test_encode_prompts_refuses_bad_input(encoder, tokenizer):
-    with pytest.raises(ValueError, match="clip_skip=2"):
-        encode_prompts(encoder, tokenizer, ["x"], clip_skip=2)
+    with pytest.raises(ValueError, match="clip_skip=3"):
+        encode_prompts(encoder, tokenizer, ["x"], clip_skip=3)
     with pytest.raises(TypeError, match="list"):
         encode_prompts(encoder, tokenizer, "x")
 

@@ -285,16 +285,32 @@ def render(scene: Scene, resolution: int) -> Image.Image:
 # ----------------------------------------------------------------------------- captions
 
 
-def _object_phrase(obj: ShapeObject) -> str:
-    return f"a {obj.size} {obj.color} {obj.shape} {POSITION_PHRASES[obj.position]}"
+def _object_phrase(obj: ShapeObject, omit: frozenset[str] = frozenset()) -> str:
+    words = [obj.size, obj.color, "shape" if "shape" in omit else obj.shape, POSITION_PHRASES[obj.position]]
+    words = [w for w, a in zip(words, ("size", "color", "", "position")) if a not in omit]
+    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
 
 
-def caption(scene: Scene, rng=None, phrasing: int | None = None) -> str:
-    """Describe the scene in words; ``phrasing`` picks a template, else ``rng`` does, else the first."""
+def caption(scene: Scene, rng=None, phrasing: int | None = None, omit=frozenset()) -> str:
+    """Describe the scene in words; ``phrasing`` picks a template, else ``rng`` does, else the first.
+
+    ``omit`` leaves attributes unsaid (``partial_caption``): a shape becomes "a shape", a missing
+    background drops the template and leaves the objects alone."""
     if phrasing is None:
         phrasing = _randint(rng, len(PHRASINGS)) if rng is not None else 0
-    objects = " and ".join(_object_phrase(obj) for obj in scene.objects)
+    omit = frozenset(omit)
+    objects = " and ".join(_object_phrase(obj, omit) for obj in scene.objects)
+    if "background" in omit:
+        return objects
     return PHRASINGS[phrasing].format(objects=objects, background=scene.background)
+
+
+def partial_caption(scene: Scene, rng: np.random.Generator, p: float, phrasing: int = 0) -> str:
+    """The caption with each attribute (of all five) left unsaid with probability ``p``, independently:
+    "a red shape on the left", "a large star, on a gray background". Trained on these beside full
+    captions, a model is told what each word does on its own, not only in the combinations it saw."""
+    omit = frozenset(a for a in (*_ATTRIBUTES, "background") if rng.random() < p)
+    return caption(scene, phrasing=phrasing, omit=omit)
 
 
 def _alternatives(words) -> str:
@@ -358,6 +374,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         exclude=(),
         jitter: float = 0.03,
         captions_per_image: int = 1,
+        two_object_fraction: float = 0.0,
+        attribute_dropout: float = 0.0,
     ):
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
@@ -367,6 +385,12 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if captions_per_image < 1:
             raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+        if not 0.0 <= two_object_fraction <= 1.0 or (two_object_fraction and num_objects != 1):
+            raise ValueError(f"two_object_fraction must be in [0, 1], with num_objects=1, got {two_object_fraction} "
+                             f"with num_objects={num_objects}")
+        if not 0.0 <= attribute_dropout < 1.0:
+            raise ValueError(f"attribute_dropout must be in [0, 1), got {attribute_dropout}")
+        self.two_object_fraction, self.attribute_dropout = two_object_fraction, attribute_dropout
         self.size, self.resolution, self.seed = size, resolution, seed
         self.num_objects, self.exclude, self.jitter = num_objects, _check_exclude(exclude), jitter
         self.captions_per_image = captions_per_image
@@ -379,9 +403,17 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} items")
         rng = np.random.default_rng([self.seed, index])
-        scene = sample_scene(rng, self.num_objects, self.exclude, self.jitter)
+        num_objects = self.num_objects
+        if self.two_object_fraction:  # drawn from its own stream: the one-object scenes stay those of fraction 0
+            num_objects += int(np.random.default_rng([self.seed, index, 2]).random() < self.two_object_fraction)
+        scene = sample_scene(rng, num_objects, self.exclude, self.jitter)
         order = rng.permutation(len(PHRASINGS))
-        captions = [caption(scene, phrasing=int(order[k % len(order)])) for k in range(self.captions_per_image)]
+        phrasings = [int(order[k % len(order)]) for k in range(self.captions_per_image)]
+        if self.attribute_dropout:
+            words = np.random.default_rng([self.seed, index, 1])
+            captions = [partial_caption(scene, words, self.attribute_dropout, k) for k in phrasings]
+        else:
+            captions = [caption(scene, phrasing=k) for k in phrasings]
         return {
             "image": render(scene, self.resolution),
             "caption": captions[0] if self.captions_per_image == 1 else captions,

@@ -79,7 +79,8 @@ REASONS: dict[str, str] = {
 }
 PIL_MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS (~ 9459 x 9459)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # webdataset members
-SHAPES_FIELDS = ("size", "resolution", "seed", "num_objects", "exclude", "captions_per_image")
+SHAPES_FIELDS = ("size", "resolution", "seed", "num_objects", "exclude", "captions_per_image", "two_object_fraction",
+                 "attribute_dropout")
 
 
 @dataclasses.dataclass
@@ -100,6 +101,8 @@ class SourceConfig:
     num_objects: int = 1           # shapes per image (1 or 2)
     exclude: list[dict] = dataclasses.field(default_factory=list)  # attribute combinations held out of training
     captions_per_image: int = 1    # differently phrased captions per image
+    two_object_fraction: float = 0.0  # with num_objects 1: this share of the scenes has two shapes, one caption naming both
+    attribute_dropout: float = 0.0    # each caption leaves each attribute unsaid with this probability ("a red shape")
 
     def validate(self) -> None:
         require(self.kind == "shapes" or bool(self.path), f"source.path is required for kind {self.kind!r}")
@@ -472,7 +475,8 @@ def _shapes_items(cfg: SourceConfig) -> Opened:
     from ldm.data.shapes import ShapesDataset
 
     dataset = ShapesDataset(size=cfg.size, resolution=cfg.resolution, seed=cfg.seed, num_objects=cfg.num_objects,
-                            exclude=cfg.exclude, captions_per_image=cfg.captions_per_image)
+                            exclude=cfg.exclude, captions_per_image=cfg.captions_per_image,
+                            two_object_fraction=cfg.two_object_fraction, attribute_dropout=cfg.attribute_dropout)
 
     return _listed([_Item(f"shapes/{i}", functools.partial(_shapes_row, dataset, i)) for i in range(len(dataset))])
 

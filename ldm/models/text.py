@@ -174,13 +174,14 @@ def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompt
     clip_skip=0 is the last layer's output after the final LayerNorm (SD-1.x). clip_skip=k
     takes the output k layers before the last and applies the final LayerNorm to it, which
     is what diffusers' `StableDiffusionPipeline.encode_prompt(clip_skip=k)` does, so both
-    give the same tensor.
+    give the same tensor. clip_skip=num_layers is the token and position embeddings alone, under
+    the final LayerNorm: each token's vector then says only its word and place, not its neighbours.
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, got a single str")
     num_layers = text_encoder.config.num_hidden_layers
-    if not 0 <= clip_skip < num_layers:
-        raise ValueError(f"clip_skip={clip_skip} must be in [0, {num_layers}) for this "
+    if not 0 <= clip_skip <= num_layers:
+        raise ValueError(f"clip_skip={clip_skip} must be in [0, {num_layers}] for this "
                          f"{num_layers}-layer text encoder")
     device = text_encoder.device if device is None else torch.device(device)
     # The padding and truncation of diffusers' pipelines: always the full context length.

@@ -71,14 +71,15 @@ def scores_by_size(images, scenes) -> dict[str, dict[str, float]]:
 
 
 @torch.no_grad()
-def reconstruction_adherence(vae, resolution: int, batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """What the analyzer reads back from a VAE's reconstructions of every single-object scene.
+def reconstruction_adherence(vae, resolution: int, batch_size: int = 64, only=()) -> dict[str, dict[str, float]]:
+    """What the analyzer reads back from a VAE's reconstructions of every single-object scene
+    (with `only`, of those that match one of its entries).
 
     This is the ceiling of prompt adherence for any U-Net trained on that VAE's latents: a shape
     the decoder cannot draw from a clean latent (the posterior mode), it cannot draw from a
-    generated one. Returns `scores_by_size` of the 720 reconstructions.
+    generated one. Returns `scores_by_size` of the (720) reconstructions.
     """
-    scenes = shapes.all_single_object_scenes()
+    scenes = shapes.all_single_object_scenes(only=only)
     device, dtype = vae.device, vae.dtype
     images = []
     for start in range(0, len(scenes), batch_size):
@@ -105,12 +106,17 @@ def composition_adherence(pipe: Pipeline, heldout: list[dict], n_heldout: int = 
     beside the combinations it saw (every single-object scene that matches no held-out entry).
 
     With `out_dir`, writes `adherence.json` with both, and a grid of each (`heldout-<i>-grid.png`,
-    `seen-grid.png`). `heldout` is the `data.source.exclude` of the model's training data.
+    `seen-grid.png`). `heldout` is the `data.source.exclude` of the model's training data. Each
+    held-out row carries its ceiling, `vae_ceiling`: the scores of the pipeline's VAE reconstructing
+    every scene of that combination (a VAE that never saw green on black may not draw it back).
     """
     rows = []
+    resolution = pipe.native_height_width[0]
     for i, entry in enumerate(heldout):
         scores = prompt_adherence(pipe, n=n_heldout, seed=seed, only=[entry], out_dir=out_dir, name=f"heldout-{i}", **sampling)
-        rows.append({"combination": dict(entry), "kind": combination_kind(entry), "n": n_heldout, "scores": scores})
+        ceiling = reconstruction_adherence(pipe.vae, resolution, only=[entry])["all"]
+        rows.append({"combination": dict(entry), "kind": combination_kind(entry), "n": n_heldout, "scores": scores,
+                     "vae_ceiling": ceiling})
     seen = prompt_adherence(pipe, n=n_seen, seed=seed, exclude=heldout, out_dir=out_dir, name="seen", **sampling)
     record = {"heldout": rows, "seen": {"n": n_seen, "scores": seen},
               "sampling": {k: v for k, v in sampling.items() if isinstance(v, (int, float, str))}}
@@ -122,12 +128,15 @@ def composition_adherence(pipe: Pipeline, heldout: list[dict], n_heldout: int = 
 def format_composition(record: dict) -> str:
     """The held-out and seen rows of `composition_adherence` as a Markdown table."""
     order = ["color", "shape", "size", "position", "background", "all"]
-    lines = ["| held out of training | n | " + " | ".join(order) + " |", "|---|---|" + "---|" * len(order)]
+    lines = ["| held out of training | n | " + " | ".join(order) + " | VAE ceiling (all) |",
+             "|---|---|" + "---|" * (len(order) + 1)]
     for row in record["heldout"]:
         what = ", ".join(f"{k} {v}" for k, v in row["combination"].items())
-        lines.append(f"| {row['kind']}: {what} | {row['n']} | " + " | ".join(f"{row['scores'][k]:.0%}" for k in order) + " |")
+        ceiling = f"{row['vae_ceiling']['all']:.0%}" if "vae_ceiling" in row else ""
+        lines.append(f"| {row['kind']}: {what} | {row['n']} | " + " | ".join(f"{row['scores'][k]:.0%}" for k in order)
+                     + f" | {ceiling} |")
     seen = record["seen"]
-    lines.append(f"| seen combinations | {seen['n']} | " + " | ".join(f"{seen['scores'][k]:.0%}" for k in order) + " |")
+    lines.append(f"| seen combinations | {seen['n']} | " + " | ".join(f"{seen['scores'][k]:.0%}" for k in order) + " | |")
     return "\n".join(lines)
 
 

@@ -450,7 +450,7 @@ def detect_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 def _layer_count(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
     layers = {int(k[len(prefix):].split(".")[0]) for k in state_dict if k.startswith(prefix)}
-    return max(layers) + 1
+    return max(layers) + 1 if layers else 0  # 0: a text encoder with every layer folded away (clip_skip)
 
 
 def infer_text_encoder_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
@@ -471,7 +471,7 @@ def infer_text_encoder_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
         vocab, hidden = state_dict[p + "embeddings.token_embedding.weight"].shape
         layers = _layer_count(state_dict, p + "encoder.layers.")
         config = {"max_position_embeddings": state_dict[p + "embeddings.position_embedding.weight"].shape[0],
-                  "intermediate_size": state_dict[p + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+                  "intermediate_size": state_dict[p + "encoder.layers.0.mlp.fc1.weight"].shape[0] if layers else 4 * hidden,
                   "hidden_act": "quick_gelu"}
     return {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
             "num_attention_heads": max(hidden // _OPEN_CLIP_HEAD_DIM, 1), **config}

@@ -59,6 +59,22 @@ def test_reconstruction_ceiling_is_perfect_for_a_lossless_vae_and_drops_with_blu
     assert blurred["small"]["shape"] < 0.9 and blurred["small"]["shape"] < blurred["large"]["shape"]
 
 
+def test_reconstruction_ceiling_of_chosen_combinations():
+    """`only`: the ceiling of the held-out combinations alone; a codec that turns green to red
+    fails green scenes and nothing else."""
+    class GreenToRed(_Pixels):
+        def decode(self, z):
+            green = torch.tensor(shapes.COLORS["green"]).view(1, 3, 1, 1) / 127.5 - 1
+            red = torch.tensor(shapes.COLORS["red"]).view(1, 3, 1, 1) / 127.5 - 1
+            is_green = ((z - green).abs() < 0.05).all(dim=1, keepdim=True)
+            return type("Out", (), {"sample": torch.where(is_green, red, z)})()
+
+    green = reconstruction_adherence(GreenToRed(), 32, only=[{"color": "green", "background": "black"}])
+    assert green["all"]["color"] == 0.0 and green["all"]["position"] == 1.0
+    red = reconstruction_adherence(GreenToRed(), 32, only=[{"color": "red"}])
+    assert red["all"]["all"] == 1.0
+
+
 def test_reconstruction_ceiling_runs_on_an_autoencoderkl():
     torch.manual_seed(0)
     vae = AutoencoderKL(**vae_config("tiny-f4", sample_size=32)).eval()

@@ -107,8 +107,9 @@ def test_demo_runs_end_to_end_and_scores(stages, tmp_path):
 
 
 def test_demo_heldout_keeps_combinations_out_of_every_stage_and_scores_them_apart(tmp_path):
-    """`demo.py --heldout` (issue #23): the combinations never reach the CLIP, the VAE or the cache,
-    and adherence.json has each held-out combination's scores beside the seen ones'."""
+    """`demo.py --heldout` (issue #23): the combinations never reach the CLIP or the cache (the VAE,
+    which reads no text, sees every image), and adherence.json has each held-out combination's
+    scores and VAE ceiling beside the seen ones'."""
     from ldm.demo import HELDOUT
 
     overrides = {**TINY, "ldm": TINY["ldm"] + ["train.eval_every=0", "train.save_every=0"]}
@@ -125,8 +126,10 @@ def test_demo_heldout_keeps_combinations_out_of_every_stage_and_scores_them_apar
     assert not any(is_excluded(parse_caption(p), HELDOUT) for p in seen)
     assert (tmp_path / "seen-grid.png").exists() and (tmp_path / "heldout-0-grid.png").exists()
     # what every stage trained on: the exclusion is in each config and in the cache's manifest
-    for stage in ("clip", "vae"):
-        assert yaml.safe_load((tmp_path / stage / "config.yaml").read_text())["data"]["source"]["exclude"] == HELDOUT
+    assert yaml.safe_load((tmp_path / "clip" / "config.yaml").read_text())["data"]["source"]["exclude"] == HELDOUT
+    assert yaml.safe_load((tmp_path / "vae" / "config.yaml").read_text())["data"]["source"]["exclude"] == []
+    for row in record["heldout"]:
+        assert set(row["vae_ceiling"]) >= {"color", "shape", "all"} and 0.0 <= row["vae_ceiling"]["all"] <= 1.0
     assert json.loads((tmp_path / "latents" / "manifest.json").read_text())["source"]["exclude"] == HELDOUT
 
 

@@ -24,6 +24,7 @@ from ldm.models.text import (
     load_openclip_text_encoder,
     load_text_encoder,
     openclip_to_clip_text_model,
+    without_skipped_layers,
 )
 from ldm.train.ldm import train_ldm
 
@@ -195,7 +196,7 @@ def test_encode_prompts_shape_and_clip_skip(encoder, tokenizer):
 
 def test_clip_skip_of_every_layer_gives_each_word_alone(encoder, tokenizer):
     """clip_skip = the number of layers: the embeddings under the final LayerNorm, so a token's
-    vector is the same whatever words come before it (diffusers' clip_skip gives the same)."""
+    vector is the same whatever words come before it."""
     n = encoder.config.num_hidden_layers
     embedded = encode_prompts(encoder, tokenizer, ["a red star", "a blue star"], clip_skip=n)
     no_layers = copy.deepcopy(encoder)
@@ -206,6 +207,20 @@ def test_clip_skip_of_every_layer_gives_each_word_alone(encoder, tokenizer):
     assert not torch.allclose(embedded[0, star - 1], embedded[1, star - 1])  # red, blue
     contextual = encode_prompts(encoder, tokenizer, ["a red star", "a blue star"])
     assert not torch.allclose(contextual[0, star], contextual[1, star])
+
+
+def test_without_skipped_layers_folds_clip_skip_into_the_encoder(encoder, tokenizer):
+    prompts = ["a red star", "two blue squares"]
+    full = {k: v.clone() for k, v in encoder.state_dict().items()}
+    assert without_skipped_layers(encoder, 0) is encoder
+    for clip_skip in range(1, encoder.config.num_hidden_layers + 1):
+        shorter = without_skipped_layers(encoder, clip_skip)
+        assert shorter.config.num_hidden_layers == encoder.config.num_hidden_layers - clip_skip
+        torch.testing.assert_close(encode_prompts(shorter, tokenizer, prompts),
+                                   encode_prompts(encoder, tokenizer, prompts, clip_skip=clip_skip), rtol=0, atol=0)
+    assert all(torch.equal(v, full[k]) for k, v in encoder.state_dict().items()) and len(full) == len(encoder.state_dict())
+    with pytest.raises(ValueError, match="clip_skip=3"):
+        without_skipped_layers(encoder, 3)
 
 
 def test_encode_prompts_refuses_bad_input(encoder, tokenizer):
@@ -352,6 +367,21 @@ def test_stage3_export_with_an_openclip_text_encoder_is_an_sd2_style_diffusers_p
     image = pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+
+def test_stage3_folds_clip_skip_into_its_export(tmp_path, latents):  # noqa: F811
+    """Trained with text.clip_skip=1, the export's text encoder is one layer shorter and ldm.json says 0:
+    plain diffusers, which gets no clip_skip, encodes prompts as the U-Net was trained on them."""
+    from diffusers import StableDiffusionPipeline
+    train_ldm(ldm_cfg(tmp_path / "run", latents, "text.clip_skip=1", "train.steps=1", "train.save_every=0"))
+    record = json.loads((tmp_path / "run" / "pipeline" / "ldm.json").read_text())
+    assert record["clip_skip"] == 0 and record["clip_skip_folded"] == 1
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", local_files_only=True)
+    tiny = build_text_encoder("tiny")
+    assert pipe.text_encoder.config.num_hidden_layers == tiny.config.num_hidden_layers - 1
+    prompts = ["a red star on the left", ""]
+    theirs, _ = pipe.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)
+    torch.testing.assert_close(theirs, encode_prompts(tiny, pipe.tokenizer, prompts, clip_skip=1), rtol=0, atol=1e-6)
 
 
 def test_openclip_text_config_names_its_architecture_by_json_and_keeps_max_length(tmp_path):

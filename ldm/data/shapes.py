@@ -221,9 +221,10 @@ def sample_scene(
             return Scene(background, moved)
 
 
-def all_single_object_scenes(exclude=()) -> list[Scene]:
-    """Every single-object combination without jitter: 6 colours x 4 shapes x 2 sizes x 5 positions x 3 backgrounds."""
-    exclude = _check_exclude(exclude)
+def all_single_object_scenes(exclude=(), only=()) -> list[Scene]:
+    """Every single-object combination without jitter: 6 colours x 4 shapes x 2 sizes x 5 positions x 3 backgrounds;
+    those matching an entry of ``exclude`` left out and, if ``only`` is given, those matching none of its entries."""
+    exclude, only = _check_exclude(exclude), _check_exclude(only)
     scenes = [
         Scene(background, (ShapeObject(shape, color, size, position),))
         for background in BACKGROUNDS
@@ -232,7 +233,7 @@ def all_single_object_scenes(exclude=()) -> list[Scene]:
         for size in SIZES
         for position in POSITIONS
     ]
-    return [scene for scene in scenes if not is_excluded(scene, exclude)]
+    return [scene for scene in scenes if not is_excluded(scene, exclude) and (not only or is_excluded(scene, only))]
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -430,8 +431,7 @@ def eval_prompts(n: int = 64, seed: int = 0, exclude=(), only=()) -> list[tuple[
     once ``n`` reaches 6. Phrasings rotate. ``only`` keeps the scenes that match one of its
     entries (the combinations a model was trained without), ``exclude`` drops them.
     """
-    only = _check_exclude(only)
-    scenes = [s for s in all_single_object_scenes(exclude) if not only or is_excluded(s, only)]
+    scenes = all_single_object_scenes(exclude, only)
     if not scenes:
         raise ValueError(f"exclude={list(exclude)!r}, only={list(only)!r} leave no scene to prompt for")
     random.Random(seed).shuffle(scenes)

@@ -16,6 +16,7 @@ Models", and the released SD code):
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
@@ -128,6 +129,28 @@ def _text_transformer(model: CLIPTextModel) -> torch.nn.Module:
     transformers 5, the model itself from 5 on (diffusers 0.42's clip_skip path still
     assumes the former and raises AttributeError on transformers 5)."""
     return getattr(model, "text_model", model)
+
+
+def without_skipped_layers(text_encoder: CLIPTextModel, clip_skip: int) -> CLIPTextModel:
+    """A copy of `text_encoder` without its last `clip_skip` layers, whose plain output is
+    `encode_prompts(text_encoder, ..., clip_skip=clip_skip)`: an export made this way gives the
+    conditioning the U-Net was trained on in any pipeline, which needs no clip_skip argument
+    (plain diffusers' own clip_skip path fails on transformers 5, see `_text_transformer`)."""
+    if clip_skip == 0:
+        return text_encoder
+    config = text_encoder.config
+    if not 0 < clip_skip <= config.num_hidden_layers:
+        raise ValueError(f"clip_skip={clip_skip} must be in [0, {config.num_hidden_layers}]")
+    kept = config.num_hidden_layers - clip_skip
+    layers = _text_transformer(text_encoder).encoder.layers
+    _text_transformer(text_encoder).encoder.layers = layers[:0]  # deepcopy without the dropped layers' weights
+    try:
+        shorter = copy.deepcopy(text_encoder)
+    finally:
+        _text_transformer(text_encoder).encoder.layers = layers
+    _text_transformer(shorter).encoder.layers = torch.nn.ModuleList(copy.deepcopy(layer) for layer in layers[:kept])
+    shorter.config.num_hidden_layers = kept
+    return shorter
 
 
 def build_text_encoder(preset: str = "tiny", seed: int = 0) -> CLIPTextModel:

@@ -40,7 +40,7 @@ from ldm.losses import diffusion_loss
 from ldm.models.conditioning import TextEncoderConfig, load_text
 from ldm.models.lora import LoRAConfig, add_lora, merge_lora, save_lora
 from ldm.models.paths import is_single_file, model_path_problem
-from ldm.models.text import encode_prompts
+from ldm.models.text import encode_prompts, without_skipped_layers
 from ldm.models.unet import UNetModelConfig, build_unet, downsampling
 from ldm.models.vae import load_vae
 from ldm.pipeline import RECORD, read_record, record_from_files, save_pipeline
@@ -637,6 +637,10 @@ def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, lat
     the FlowMatch* ones (flow-euler, flow-heun, flow-lcm), which lack init_noise_sigma and scale_model_input.
     """
     scheduler = make_scheduler(cfg.sample_scheduler, scheduler_config(cfg.noise))
+    # clip_skip k is folded into the export (the text encoder's last k layers dropped), so that the
+    # pipeline's plain output is what the U-Net learned from, in diffusers and every tool without a
+    # clip_skip argument; ldm.json then says 0, and `clip_skip_folded` what was dropped
+    text_encoder = without_skipped_layers(text_encoder, cfg.text.clip_skip)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -644,7 +648,8 @@ def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, lat
         "objective": cfg.noise.objective,                    # diffusion or flow: which samplers fit (ldm.sampling)
         "caption_dropout": cfg.caption_dropout,
         "noise": to_dict(cfg.noise),
-        "clip_skip": cfg.text.clip_skip,
+        "clip_skip": 0,
+        "clip_skip_folded": cfg.text.clip_skip,
         "training_scheduler": scheduler_config(cfg.noise),
         "latent_size": list(latent_hw),                      # (h, w) of the most common training size
         "image_size": [s * factor for s in latent_hw],       # px

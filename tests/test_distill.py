@@ -305,3 +305,20 @@ def test_bad_configs_caches_and_teachers_fail_before_any_work(teacher, latents, 
     # the command line says what is wrong without a traceback
     with pytest.raises(SystemExit, match="config error: .*consistency-distilled already"):
         distill_main([f"out_dir={tmp_path / 'z'}", f"teacher={full}", f"cache={latents['cache']}", *RUN])
+
+
+@pytest.mark.parametrize("name", ["shapes_cpu", "shapes_cpu_lora"])
+def test_the_shipped_distill_configs_fit_the_demo_unet(name):
+    """configs/distill/*.yaml load, and their LoRA targets name linear layers of the U-Net that
+    configs/ldm/shapes_cpu.yaml builds (its proj_in/proj_out are 1x1 convolutions)."""
+    from ldm.models.lora import add_lora
+    from ldm.models.unet import build_unet
+    from ldm.train.ldm import LDMTrainConfig
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    cfg = load_config(DistillConfig, configs / "distill" / f"{name}.yaml", [])
+    unet_cfg = load_config(LDMTrainConfig, configs / "ldm" / "shapes_cpu.yaml", []).model
+    unet = build_unet(unet_cfg, latent_channels=4, sample_size=16, cross_attention_dim=64)
+    if cfg.lora.rank:
+        assert add_lora(unet, cfg.lora)
+    assert cfg.guidance.w_min <= cfg.guidance.w_max

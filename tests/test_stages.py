@@ -28,7 +28,7 @@ LDM = ["model.block_out_channels=[32, 64]", "model.down_block_types=[CrossAttnDo
        "validation.steps=2", "validation.seeds=[0]", "validation.held_out_batches=1"]
 CLIP = ["data.source.size=32", "data.source.resolution=16", "data.transform.resolution=16", "data.eval_size=8",
         "retrieval_candidates=8", "model.embed_dim=32", "model.image_width=32", "model.image_layers=1",
-        "model.image_head_width=16", "model.patch_size=8", "model.text_width=32", "model.text_layers=1",
+        "model.image_head_width=16", "model.patch_size=8", "model.text_width=32", "model.text_layers=2",
         "model.text_heads=2", "train.steps=2", "train.batch_size=16", "train.warmup_steps=0"]
 TINY = {"clip": CLIP, "vae": DATA + VAE, "encode": DATA + ["shard_size=16", "batch_size=8"], "ldm": LDM}
 

@@ -308,7 +308,7 @@ def test_bad_configs_caches_and_teachers_fail_before_any_work(teacher, latents, 
 
 
 @pytest.mark.parametrize("name", ["shapes_cpu", "shapes_cpu_lora"])
-def test_the_shipped_distill_configs_fit_the_demo_unet(name):
+def test_the_shipped_distill_configs_fit_the_demo_unet(name, tmp_path):
     """configs/distill/*.yaml load, and their LoRA targets name linear layers of the U-Net that
     configs/ldm/shapes_cpu.yaml builds (its proj_in/proj_out are 1x1 convolutions)."""
     from ldm.models.lora import add_lora
@@ -316,8 +316,10 @@ def test_the_shipped_distill_configs_fit_the_demo_unet(name):
     from ldm.train.ldm import LDMTrainConfig
 
     configs = Path(__file__).resolve().parent.parent / "configs"
-    cfg = load_config(DistillConfig, configs / "distill" / f"{name}.yaml", [])
-    unet_cfg = load_config(LDMTrainConfig, configs / "ldm" / "shapes_cpu.yaml", []).model
+    here = [f"teacher={tmp_path}", f"cache={tmp_path}"]  # the configs name runs/demo, which a fresh clone has not made
+    cfg = load_config(DistillConfig, configs / "distill" / f"{name}.yaml", here)
+    unet_cfg = load_config(LDMTrainConfig, configs / "ldm" / "shapes_cpu.yaml", [f"vae={tmp_path}", f"cache={tmp_path}",
+                                                                                   f"text.encoder={tmp_path}"]).model
     unet = build_unet(unet_cfg, latent_channels=4, sample_size=16, cross_attention_dim=64)
     if cfg.lora.rank:
         assert add_lora(unet, cfg.lora)

@@ -141,15 +141,10 @@ def without_skipped_layers(text_encoder: CLIPTextModel, clip_skip: int) -> CLIPT
     config = text_encoder.config
     if not 0 < clip_skip <= config.num_hidden_layers:
         raise ValueError(f"clip_skip={clip_skip} must be in [0, {config.num_hidden_layers}]")
-    kept = config.num_hidden_layers - clip_skip
-    layers = _text_transformer(text_encoder).encoder.layers
-    _text_transformer(text_encoder).encoder.layers = layers[:0]  # deepcopy without the dropped layers' weights
-    try:
-        shorter = copy.deepcopy(text_encoder)
-    finally:
-        _text_transformer(text_encoder).encoder.layers = layers
-    _text_transformer(shorter).encoder.layers = torch.nn.ModuleList(copy.deepcopy(layer) for layer in layers[:kept])
-    shorter.config.num_hidden_layers = kept
+    shorter = copy.deepcopy(text_encoder)
+    encoder = _text_transformer(shorter).encoder
+    encoder.layers = encoder.layers[: config.num_hidden_layers - clip_skip]
+    shorter.config.num_hidden_layers = len(encoder.layers)
     return shorter
 
 

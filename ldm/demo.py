@@ -122,9 +122,11 @@ def score_shapes(pipe, out: Path, n: int, sampling: dict) -> dict:
     from ldm.evaluate import format_scores, prompt_adherence
 
     scores = prompt_adherence(pipe, n=n, out_dir=out, **sampling)
-    by_size = json.loads((out / "adherence.json").read_text())["by_size"]
+    record = json.loads((out / "adherence.json").read_text())
+    by_size, by_background = record["by_size"], record["by_background"]
     print(f"\nprompt adherence over {n} prompts: {format_scores(scores)}")
     print("shape of small / large objects: " + " / ".join(f"{by_size[s]['shape']:.0%}" for s in ("small", "large") if s in by_size))
+    print("colour on " + " / ".join(by_background) + ": " + " / ".join(f"{v['color']:.0%}" for v in by_background.values()))
     print(f"grid: {out / 'adherence-grid.png'}")
     return scores
 

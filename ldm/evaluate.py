@@ -39,20 +39,23 @@ def prompt_adherence(pipe: Pipeline, n: int = 64, seed: int = 0, exclude=(), out
     from the combinations that match none of `exclude` and, if given, one of `only`.
 
     `sampling` goes to `ldm.infer.generate` (scheduler, steps, guidance_scale, batch_size...).
-    With `out_dir`, writes `<name>.json` (with the scores of small and large objects apart)
-    and `<name>-grid.png` (prompt order).
+    With `out_dir`, writes `<name>.json` (with the scores of small and large objects apart, and of
+    each background apart: colours on black are what the demo's U-Net gets wrong first) and
+    `<name>-grid.png` (prompt order).
     """
     prompts = shapes.eval_prompts(n, seed=seed, exclude=exclude, only=only)
     texts = [text for text, _ in prompts]
     results = generate(pipe, texts, seeds=[seed * 100_000 + i for i in range(n)], **sampling)
     images = [r["image"] for r in results]
-    by_size = scores_by_size(images, [scene for _, scene in prompts])
+    scenes = [scene for _, scene in prompts]
+    by_size = scores_by_size(images, scenes)
     scores = by_size["all"]
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         image_grid(images, nrow=8).save(out_dir / f"{name}-grid.png")
-        record = {"n": n, "scores": scores, "by_size": {k: v for k, v in by_size.items() if k != "all"}, "prompts": texts,
+        record = {"n": n, "scores": scores, "by_size": {k: v for k, v in by_size.items() if k != "all"},
+                  "by_background": scores_by_background(images, scenes), "prompts": texts,
                   "sampling": {k: v for k, v in sampling.items() if isinstance(v, (int, float, str))}}
         (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
     return scores
@@ -62,11 +65,21 @@ def scores_by_size(images, scenes) -> dict[str, dict[str, float]]:
     """`shapes.score` over all single-object images, and over the small and the large ones apart:
     a small shape is a few pixels across, so its shape is what a model gets wrong first."""
     images, scenes = list(images), list(scenes)
-    result = {"all": shapes.score(images, scenes)}
-    for size in shapes.SIZES:
-        chosen = [i for i, scene in enumerate(scenes) if scene.objects[0].size == size]
+    return {"all": shapes.score(images, scenes), **scores_by(images, scenes, lambda s: s.objects[0].size, shapes.SIZES)}
+
+
+def scores_by_background(images, scenes) -> dict[str, dict[str, float]]:
+    """`shapes.score` over the images of each background apart."""
+    return scores_by(list(images), list(scenes), lambda s: s.background, shapes.BACKGROUNDS)
+
+
+def scores_by(images: list, scenes: list, key, values) -> dict[str, dict[str, float]]:
+    """`shapes.score` of the images whose scene has each of `values` under `key` (absent values left out)."""
+    result = {}
+    for value in values:
+        chosen = [i for i, scene in enumerate(scenes) if key(scene) == value]
         if chosen:
-            result[size] = shapes.score([images[i] for i in chosen], [scenes[i] for i in chosen])
+            result[value] = shapes.score([images[i] for i in chosen], [scenes[i] for i in chosen])
     return result
 
 

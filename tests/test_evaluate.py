@@ -1,4 +1,4 @@
-"""Prompt-adherence helpers (ldm.evaluate): scores split by object size, and the VAE's ceiling."""
+"""Prompt-adherence helpers (ldm.evaluate): scores split by object size and by background, and the VAE's ceiling."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from ldm.data import shapes
-from ldm.evaluate import reconstruction_adherence, scores_by_size
+from ldm.evaluate import reconstruction_adherence, scores_by_background, scores_by_size
 from ldm.models.presets import vae_config
 
 
@@ -50,6 +50,21 @@ def test_scores_by_size_splits_small_from_large():
     n_small = sum(s.objects[0].size == "small" for s in scenes)
     assert result["all"]["shape"] == pytest.approx(1 - n_small / len(scenes))
     assert result["small"]["color"] == 1.0
+
+
+def test_scores_by_background_splits_the_colour_errors_on_black():
+    scenes = shapes.all_single_object_scenes()[::7]
+    images = [shapes.render(s, 32) for s in scenes]
+    # every object on black drawn orange, or yellow where it is orange: only black's colour drops
+    for i, scene in enumerate(scenes):
+        obj = scene.objects[0]
+        if scene.background == "black":
+            wrong = dataclasses.replace(obj, color="yellow" if obj.color == "orange" else "orange")
+            images[i] = shapes.render(shapes.Scene("black", (wrong,)), 32)
+    result = scores_by_background(images, scenes)
+    assert set(result) == {"white", "black", "gray"}
+    assert result["black"]["color"] == 0.0 and result["black"]["shape"] == 1.0
+    assert result["white"]["color"] == 1.0 and result["gray"]["color"] == 1.0
 
 
 def test_reconstruction_ceiling_is_perfect_for_a_lossless_vae_and_drops_with_blur():

@@ -376,6 +376,22 @@ def test_training_steps_run_in_train_mode_before_and_after_validation(sd_dir, sd
     assert validating and all(validating), modes
 
 
+def test_only_cross_attention_at_one_level_mirrors_into_the_up_blocks():
+    """model.only_cross_attention names the down blocks whose attention reads only the text; the up
+    block at the same resolution gets the same, and the other levels keep their self-attention."""
+    cross = ["CrossAttnDownBlock2D"] * 2
+    model = UNetModelConfig(block_out_channels=[16, 32], down_block_types=cross, up_block_types=["CrossAttnUpBlock2D"] * 2,
+                            only_cross_attention=[True, False], norm_num_groups=8)
+    unet = build_unet(model, 4, 8, 32)
+    kind = lambda block: [t.only_cross_attention for a in block.attentions for t in a.transformer_blocks]  # noqa: E731
+    assert set(kind(unet.down_blocks[0])) == {True} and set(kind(unet.up_blocks[1])) == {True}
+    assert set(kind(unet.down_blocks[1])) == {False} and set(kind(unet.up_blocks[0])) == {False}
+    # cross-attention only: the first attention's keys come from the text width, not the image's
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_k.in_features == 32
+    out = unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), encoder_hidden_states=torch.randn(2, 7, 32)).sample
+    assert out.shape == (2, 4, 8, 8)
+
+
 def test_finetune_refuses_architecture_keys_and_unfit_parts(sd_dir, cache_dir, tmp_path):
     with pytest.raises(ConfigError, match="model.block_out_channels"):
         ldm_cfg(tmp_path, cache_dir, f"model.pretrained={sd_dir}", "model.block_out_channels=[16, 32]")

@@ -18,7 +18,7 @@ from ldm.models.presets import UNET_PRESETS, unet_config
 from ldm.models.paths import directory_only, model_path_problem
 
 ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "attention_head_dim", "down_block_types",
-                     "up_block_types", "transformer_layers_per_block", "norm_num_groups")
+                     "up_block_types", "transformer_layers_per_block", "norm_num_groups", "only_cross_attention")
 
 
 @dataclasses.dataclass
@@ -34,6 +34,8 @@ class UNetModelConfig:
     up_block_types: list[str] | None = None
     transformer_layers_per_block: int | None = None
     norm_num_groups: int | None = None           # GroupNorm groups; must divide every width
+    only_cross_attention: list[bool] | None = None  # per down block (the up blocks mirror it): True makes that
+                                                    # level's attention cross-attention only, no self-attention
 
     def validate(self) -> None:
         if self.pretrained:

@@ -24,6 +24,7 @@ from pathlib import Path
 from ldm.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+STAGES = ("clip", "vae", "encode", "ldm")  # in the order run_demo runs them; --set names one
 N_EVAL = 128  # prompts scored at the end (a steadier score than 64 gave)
 N_QUALITY = 200  # held-out captions and images of the FID/KID/retrieval figures on real data
 PREPARED = {"emoji": "prepare_emoji"}
@@ -162,10 +163,28 @@ def main(argv=None) -> None:
                         f"{N_QUALITY} held-out captions on a prepared dataset)")
     parser.add_argument("--heldout", action="store_true", help="shapes: keep attribute combinations out of training "
                         f"({'; '.join(', '.join(e.values()) for e in HELDOUT)}) and score them beside the seen ones")
+    parser.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                        help="a config override for one stage (clip, vae, encode or ldm), as its script takes it; "
+                        "repeatable: --set ldm:train.steps=2600 --set vae:train.steps=3000")
     args = parser.parse_args(argv)
+    try:
+        overrides = stage_overrides(args.set)
+    except ValueError as e:
+        parser.error(str(e))
     if args.heldout and not args.preset.startswith("shapes"):
         parser.error(f"--heldout needs a shapes preset (its analyzer reads the attributes back), not {args.preset}")
     default = "runs/demo" if args.preset == "shapes_cpu" else f"runs/{args.preset}"
     out = Path(args.out or (default + "-heldout" if args.heldout else default))
     n_eval = args.n_eval or (N_EVAL if args.preset.startswith("shapes") else N_QUALITY)
-    run_demo(out, args.preset, n_eval, heldout=HELDOUT if args.heldout else None)
+    run_demo(out, args.preset, n_eval, overrides=overrides, heldout=HELDOUT if args.heldout else None)
+
+
+def stage_overrides(sets: list[str]) -> dict[str, list[str]]:
+    """`--set STAGE:KEY=VALUE` arguments as run_demo's overrides: {stage: [KEY=VALUE, ...]}."""
+    overrides: dict[str, list[str]] = {}
+    for item in sets:
+        stage, sep, override = item.partition(":")
+        if not sep or stage not in STAGES or "=" not in override:
+            raise ValueError(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE one of {', '.join(STAGES)}")
+        overrides.setdefault(stage, []).append(override)
+    return overrides

@@ -157,3 +157,19 @@ def test_the_gpu_configs_chain_at_cpu_size(tmp_path):
     out = generate(load_pipeline(tmp_path / "ldm" / "pipeline"), ["a small blue star at the top, on a black background"],
                    seeds=[0], steps=2)
     assert out[0]["image"].size == (64, 64)
+
+
+def test_demo_set_passes_each_override_to_its_stage(monkeypatch, tmp_path):
+    """`demo.py --set STAGE:KEY=VALUE` reaches run_demo as that stage's override; a stage that does
+    not exist, or no KEY=VALUE, is an error that names the form."""
+    import ldm.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, preset, n, overrides=None, heldout=None: calls.append(overrides))
+    demo.main(["--out", str(tmp_path), "--set", "ldm:train.steps=2600", "--set", "vae:train.steps=3000",
+               "--set", "ldm:train.batch_size=24"])
+    assert calls == [{"ldm": ["train.steps=2600", "train.batch_size=24"], "vae": ["train.steps=3000"]}]
+    for bad in ("unet:train.steps=5", "train.steps=5", "ldm:train.steps"):
+        with pytest.raises(SystemExit):
+            demo.main(["--out", str(tmp_path), "--set", bad])
+    assert len(calls) == 1

@@ -190,24 +190,26 @@ def pipeline_features(pipe: Pipeline) -> str:
 
 def evaluate_pipeline(pipe: Pipeline, data: DataConfig, features: str, n: int = 200, seed: int = 0, resamples: int = 200,
                       out_dir: str | Path | None = None, compare: str | Path | None = None, batch_size: int = 16,
-                      **sampling) -> dict:
+                      offset: int = 0, **sampling) -> dict:
     """FID, KID and caption retrieval of `pipe`'s images for the held-out captions of `data` (image i
-    from seed 100,000 x seed + i), with floor, ceiling and intervals (see ldm.quality). `compare`:
-    another eval.json, refused when made with another network or N. Writes out_dir/eval.json."""
+    from seed 100,000 x seed + i), with floor, ceiling and intervals (see ldm.quality). `offset`: the
+    held-out images from that one on (ldm.quality.real_images). `compare`: another eval.json,
+    refused when made with another network, N or offset. Writes out_dir/eval.json."""
     from ldm.metrics import check_comparable
     from ldm.quality import QualityEval, load_feature_network, real_images, summary_line
 
     network = load_feature_network(features, pipe.device)
-    held_out, captions, reference = real_images(data, n)
+    held_out, captions, reference = real_images(data, n, offset)
     quality = QualityEval(network, held_out, captions, reference, resamples=resamples, seed=seed)
     other = None
     if compare is not None:  # before the generation, the costly part
         other = json.loads(Path(compare).read_text())
-        check_comparable({"features": network.identity, "n": quality.n}, other, "this evaluation", str(compare))
+        check_comparable({"features": network.identity, "n": quality.n, "offset": offset}, other, "this evaluation",
+                         str(compare))
     results = generate(pipe, quality.prompts, seeds=quality.seeds, batch_size=batch_size, **sampling)
     images = torch.stack([torch.from_numpy(r["array"]).permute(2, 0, 1) for r in results]) * 2 - 1
     figures = quality(images)
-    record = {"pipeline": pipe.path, "data": data.source.path, "features": figures["features"], "n": figures["n"],
+    record = {"pipeline": pipe.path, "data": data.source.path, "features": figures["features"], "n": figures["n"], "offset": offset,
               "sampling": {k: v for k, v in results[0].items() if k in ("scheduler", "steps", "guidance_scale", "width", "height")},
               "seed": seed, "split": plan_split(data).record(), "quality": figures}
     print(f"quality: {summary_line(figures)}")
@@ -253,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--scheduler", help="sampler short name; default: the pipeline's")
+    p.add_argument("--offset", type=int, default=0,
+                   help="skip the first OFFSET held-out images (in the key-hash order the run's own figures take "
+                        "them): with --offset N, a second set of N to choose settings on, the first N kept for the report")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed 100000 x SEED + i")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bootstrap", type=int, default=200, help="resamples for the 95%% intervals")
@@ -272,9 +277,9 @@ def main(argv=None) -> None:
     pipe = load_pipeline(args.model, device=args.device)
     try:
         features = args.features or pipeline_features(pipe)
-        data = folder_data(args.data, args.resolution or pipe.native_size, args.n)
+        data = folder_data(args.data, args.resolution or pipe.native_size, args.n + args.offset)
         evaluate_pipeline(pipe, data, features, n=args.n, seed=args.seed, resamples=args.bootstrap, out_dir=args.out,
-                          compare=args.compare, batch_size=args.batch_size, steps=args.steps,
+                          compare=args.compare, batch_size=args.batch_size, offset=args.offset, steps=args.steps,
                           guidance_scale=args.guidance_scale, scheduler=args.scheduler)
     except (ValueError, FileNotFoundError, IncomparableMetricsError) as err:
         sys.exit(f"error: {err}")

@@ -248,12 +248,15 @@ def network_weights(identity: str) -> str:
 def check_comparable(ours: dict, theirs: dict, what: str = "these figures", other: str = "the others") -> None:
     """Refuse to compare FID/KID/retrieval figures made with another feature network or another N:
     an FID in CLIP features and one in Inception features, or over 100 and 1,000 images, are
-    different numbers, not a better and a worse model. Each dict holds "features" and "n"."""
+    different numbers, not a better and a worse model. Each dict holds "features" and "n", and
+    "offset" where the held-out images did not start at the first (0 when absent)."""
     problems = []
     if network_weights(str(ours.get("features"))) != network_weights(str(theirs.get("features"))):
         problems.append(f"feature network {ours.get('features')!r} vs {theirs.get('features')!r}")
     if ours.get("n") != theirs.get("n"):
         problems.append(f"n {ours.get('n')!r} vs {theirs.get('n')!r} images")
+    if ours.get("offset", 0) != theirs.get("offset", 0):  # other held-out images (ldm.quality.real_images)
+        problems.append(f"held-out images from offset {ours.get('offset', 0)!r} vs {theirs.get('offset', 0)!r}")
     if problems:
         raise IncomparableMetricsError(f"{what} cannot be compared with {other}: {'; '.join(problems)}. "
                                        "Measure both with the same features and n.")

@@ -121,13 +121,15 @@ def training_stride(data: DataConfig, n: int) -> int:
     return max(1, (len(source) - len(held or ())) // max(n, 1))
 
 
-def real_images(data: DataConfig, n: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+def real_images(data: DataConfig, n: int, offset: int = 0) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """(n held-out images, their first captions, n training images spread over the split), square
     at the data's resolution (center crop, no flip: the feature networks take one size, and a random
     crop would change the reference between runs). "" where an image has no caption.
 
     important: the n held-out images are those with the smallest key hashes, not the first n: a
-    folder is sorted by name or category, so its first n held-out files are a few kinds only."""
+    folder is sorted by name or category, so its first n held-out files are a few kinds only.
+    `offset`: skip that many first (in the same order); with offset = n, a second set of n held-out
+    images to choose settings on, leaving the first n, the ones a run's own figures use, for the report."""
     transform = dataclasses.replace(data.transform, buckets=False, crop="center", flip=False)
     data = dataclasses.replace(data, transform=transform)
     held_out = load_images(data, "eval", desc="quality: held-out images")
@@ -135,8 +137,12 @@ def real_images(data: DataConfig, n: int) -> tuple[torch.Tensor, list[str], torc
     # every stride-th record of the first stride x n (load_images' rank 0 of `stride` processes)
     reference = load_images(dataclasses.replace(data, max_images=stride * n), "train", rank=0, world=stride,
                             desc="quality: training images")
-    count = min(n, len(held_out), len(reference))
-    chosen = sorted(range(len(held_out)), key=lambda i: (key_hash(held_out.ids[i]), held_out.ids[i]))[:count]
+    if offset and offset + 2 > len(held_out):
+        raise ValueError(f"offset {offset}: the data holds {len(held_out)} held-out images, "
+                         "and FID/KID need at least 2 after the offset")
+    count = min(n, len(held_out) - offset, len(reference))
+    order = sorted(range(len(held_out)), key=lambda i: (key_hash(held_out.ids[i]), held_out.ids[i]))
+    chosen = order[offset:offset + count]
     captions = [held_out.captions[i][0] if held_out.captions[i] else "" for i in chosen]
     return held_out.batch(chosen), captions, reference.batch(list(range(count)))
 

@@ -232,4 +232,7 @@ def test_check_comparable_refuses_another_network_or_n_and_ignores_the_path():
         check_comparable(ours, {"features": "clip:runs/demo/clip@cccc3333", "n": 200})  # retrained CLIP
     with pytest.raises(IncomparableMetricsError, match="n 200 vs 100"):
         check_comparable(ours, {"features": ours["features"], "n": 100})
+    check_comparable(ours, {**ours, "offset": 0})  # no offset recorded: the first held-out images
+    with pytest.raises(IncomparableMetricsError, match="offset 0 vs 200"):  # the other half of the held-out split
+        check_comparable(ours, {**ours, "offset": 200})
     assert network_weights("clip:runs/demo/clip@aaaa1111") == "clip@aaaa1111"

@@ -173,6 +173,9 @@ def test_evaluate_cli_on_a_folder_and_compare(ldm_run, tmp_path, capsys):
     with pytest.raises(SystemExit, match="cannot be compared.*n 3 vs 4"):
         main([*args[:4], "3", *args[5:], "--out", str(tmp_path / "c"), "--compare", str(tmp_path / "a" / "eval.json")])
     assert not (tmp_path / "c").exists()
+    with pytest.raises(SystemExit, match="offset 4 vs 0"):  # other held-out images: refused before sampling
+        main([*args, "--offset", "4", "--out", str(tmp_path / "e"), "--compare", str(tmp_path / "a" / "eval.json")])
+    assert first["offset"] == 0
     # without captions: FID/KID still run, retrieval is skipped with a note
     bare = _folder(tmp_path / "bare", 12, captions=False)
     main([str(ldm_run), "--data", str(bare), "--n", "4", "--steps", "2", "--bootstrap", "0", "--out", str(tmp_path / "d")])
@@ -228,6 +231,12 @@ def test_real_images_take_held_out_by_hash_not_the_first_of_a_sorted_folder(tmp_
     assert set(keys) == heldout_by_count(heldout_by_count([json.loads(r)["file_name"] for r in rows], 30), 10)
     assert {k.split("/")[0] for k in keys} == {"a-red", "b-blue"}
     assert len(held_out) == 10
+    # --offset 10: the next 10 by hash, none of the report's 10 (a set to choose settings on)
+    _, second, _ = real_images(data, 10, offset=10)
+    second_keys = {f"{c.split()[0]}/{int(c.split()[1]):02d}.png" for c in second}
+    assert second_keys == heldout_by_count(heldout_by_count([json.loads(r)["file_name"] for r in rows], 30), 20) - set(keys)
+    with pytest.raises(ValueError, match="offset 29: the data holds 30 held-out images"):
+        real_images(data, 10, offset=29)
 
 
 def test_evaluate_takes_a_prepared_folders_own_split(tmp_path):

@@ -209,7 +209,8 @@ def evaluate_pipeline(pipe: Pipeline, data: DataConfig, features: str, n: int = 
     results = generate(pipe, quality.prompts, seeds=quality.seeds, batch_size=batch_size, **sampling)
     images = torch.stack([torch.from_numpy(r["array"]).permute(2, 0, 1) for r in results]) * 2 - 1
     figures = quality(images)
-    record = {"pipeline": pipe.path, "data": data.source.path, "features": figures["features"], "n": figures["n"], "offset": offset,
+    record = {"pipeline": pipe.path, "data": data.source.path, "features": figures["features"], "n": figures["n"],
+              "offset": offset,
               "sampling": {k: v for k, v in results[0].items() if k in ("scheduler", "steps", "guidance_scale", "width", "height")},
               "seed": seed, "split": plan_split(data).record(), "quality": figures}
     print(f"quality: {summary_line(figures)}")

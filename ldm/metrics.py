@@ -259,4 +259,4 @@ def check_comparable(ours: dict, theirs: dict, what: str = "these figures", othe
         problems.append(f"held-out images from offset {ours.get('offset', 0)!r} vs {theirs.get('offset', 0)!r}")
     if problems:
         raise IncomparableMetricsError(f"{what} cannot be compared with {other}: {'; '.join(problems)}. "
-                                       "Measure both with the same features and n.")
+                                       "Measure both with the same features, n and offset.")

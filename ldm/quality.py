@@ -133,13 +133,13 @@ def real_images(data: DataConfig, n: int, offset: int = 0) -> tuple[torch.Tensor
     transform = dataclasses.replace(data.transform, buckets=False, crop="center", flip=False)
     data = dataclasses.replace(data, transform=transform)
     held_out = load_images(data, "eval", desc="quality: held-out images")
+    if offset and offset + 2 > len(held_out):  # before the training images are read
+        raise ValueError(f"offset {offset}: the data holds {len(held_out)} held-out images, "
+                         "and FID/KID need at least 2 after the offset")
     stride = training_stride(data, n)
     # every stride-th record of the first stride x n (load_images' rank 0 of `stride` processes)
     reference = load_images(dataclasses.replace(data, max_images=stride * n), "train", rank=0, world=stride,
                             desc="quality: training images")
-    if offset and offset + 2 > len(held_out):
-        raise ValueError(f"offset {offset}: the data holds {len(held_out)} held-out images, "
-                         "and FID/KID need at least 2 after the offset")
     count = min(n, len(held_out) - offset, len(reference))
     order = sorted(range(len(held_out)), key=lambda i: (key_hash(held_out.ids[i]), held_out.ids[i]))
     chosen = order[offset:offset + count]

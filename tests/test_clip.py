@@ -16,8 +16,8 @@ from transformers import CLIPTextModel
 
 from ldm.config import ConfigError, load_config
 from ldm.data.shapes import ShapesDataset
-from ldm.models.text import load_text_encoder
-from ldm.train.clip import ClipTrainConfig, load_clip_scorer, openclip_model_cfg, retrieval, tokenize, train_clip
+from ldm.models.text import build_tokenizer, load_text_encoder
+from ldm.train.clip import ClipModel, ClipTrainConfig, load_clip_scorer, openclip_model_cfg, retrieval, tokenize, train_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -64,6 +64,30 @@ def test_exported_text_encoder_equals_the_trained_tower(run):
         out_hf = text_encoder(ids)
         torch.testing.assert_close(out_hf.last_hidden_state, states, atol=1e-5, rtol=0)
         torch.testing.assert_close(out_hf.pooler_output @ model.text_projection, model.encode_text(ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pad_token", ["!", "<|endoftext|>"])
+def test_text_tower_runs_only_up_to_the_last_caption_end(pad_token):
+    """ClipModel cuts the batch after its last <|endoftext|>: the features and the gradients are
+    open_clip's own over all 77 positions, from fewer positions."""
+    cfg = load_config(ClipTrainConfig, None, TINY)
+    torch.manual_seed(0)
+    ours = ClipModel(**openclip_model_cfg(cfg.model, 16))
+    theirs = open_clip.CLIP(**openclip_model_cfg(cfg.model, 16))
+    theirs.load_state_dict(ours.state_dict())
+    ids = tokenize(build_tokenizer(pad_token=pad_token), ["a small red circle on the left, on a white background", "a star"])
+    assert ids.shape[1] == 77
+    seen = []
+    ours.transformer.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    features = [model.encode_text(ids, normalize=True) for model in (ours, theirs)]
+    torch.testing.assert_close(features[0], features[1], atol=1e-6, rtol=0)
+    assert seen == [int((ids[0] == ids.max()).nonzero()[0]) + 1] and seen[0] < 20
+    for f, model in zip(features, (ours, theirs)):
+        f[:, 0].sum().backward()
+    torch.testing.assert_close(ours.token_embedding.weight.grad, theirs.token_embedding.weight.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.positional_embedding.grad[: seen[0]], theirs.positional_embedding.grad[: seen[0]],
+                               atol=1e-5, rtol=0)
+    assert not theirs.positional_embedding.grad[seen[0]:].any()  # what was cut had no say in open_clip's run either
 
 
 def test_scorer_gives_the_trained_model_features(run):

@@ -32,6 +32,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
+from open_clip.transformer import text_global_pool
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -97,6 +98,29 @@ class ClipTrainConfig:
         require(self.train.ema_decay == 0, "train.ema_decay: EMA is not used by the CLIP stage; set it to 0")
 
 
+class ClipModel(open_clip.CLIP):
+    """open_clip's CLIP, whose text tower runs only up to the batch's last <|endoftext|>.
+
+    Captions are padded to 77 tokens (as stage 3 and diffusers' pipelines pad them), but the text
+    tower is causal and pools at the <|endoftext|> token, so the positions after the batch's last one
+    change no feature and no gradient: cutting them leaves the model the same and makes its training
+    step about half as long on short captions (the emoji's, or shapes'). The weights, the export and
+    open_clip's own CLIP class are unchanged; only the work is less.
+    """
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        if self.attn_mask is None or self.text_pool_type != "argmax" or not isinstance(self.text_projection, torch.nn.Parameter):
+            # not causal, pooled elsewhere, or another head: every position, as open_clip runs it
+            return super().encode_text(text, normalize=normalize)
+        length = int(text.argmax(dim=-1).max()) + 1  # <|endoftext|> has the largest id, as argmax pooling assumes
+        text = text[:, :length]
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(text).to(cast_dtype) + self.positional_embedding[:length].to(cast_dtype)
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask[:length, :length]))
+        x = text_global_pool(x, text, self.text_pool_type) @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+
 def openclip_model_cfg(model: ClipModelConfig, image_size: int) -> dict:
     """The open_clip model config (the `model_cfg` of open_clip's JSON files) for `model`."""
     return {
@@ -136,7 +160,7 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
 
     # --- model, loss (gathers features across processes so every rank sees all negatives)
     model_cfg = openclip_model_cfg(cfg.model, cfg.data.transform.resolution)
-    model = open_clip.CLIP(**model_cfg)
+    model = ClipModel(**model_cfg)
     loss_fn = ClipLoss(gather_with_grad=accelerator.num_processes > 1, rank=accelerator.process_index,
                        world_size=accelerator.num_processes)
     optimizer = make_optimizer(model.parameters(), loop)

@@ -125,3 +125,41 @@ def test_bench_distill_times_the_student_against_its_teacher(tmp_path):
     assert positive(row["teacher_s_per_image"], row["student_s_per_image"], row["ratio"])
     assert figures["teacher"]["steps"] == 20 and figures["student"] == {**figures["student"], "scheduler": "lcm", "steps": 4}
     assert "ratio" in stdout
+
+
+def test_latent_locality_measures_how_far_a_code_is_from_additive(tmp_path):
+    """bench/latent_locality.py (issue #23): perfectly additive codes (colour + background) miss by
+    nothing and move by the same amount for every colour; a code moved on its own is found; the
+    command runs on a saved AutoencoderKL and names what it measured."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import latent_locality
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch
+    from diffusers import AutoencoderKL
+
+    from ldm.data.shapes import BACKGROUNDS, COLORS
+
+    gen = torch.Generator().manual_seed(0)
+    colour = {c: torch.randn(16, generator=gen) for c in COLORS}
+    background = {b: torch.randn(16, generator=gen) for b in BACKGROUNDS}
+    codes = {(c, b): colour[c] + background[b] for c in COLORS for b in BACKGROUNDS}
+    additive = latent_locality.locality(codes)
+    assert additive["additive_miss"] == pytest.approx(0, abs=1e-5)
+    assert len(set(additive["black_vs_gray"].values())) == 1
+    codes["green", "black"] = codes["green", "black"] + 3.0
+    moved = latent_locality.locality(codes)
+    assert moved["additive_miss"] == pytest.approx(12.0, abs=1e-2)  # 3 in each of 16 dimensions
+    assert moved["black_vs_gray"]["green"] > max(v for c, v in moved["black_vs_gray"].items() if c != "green")
+
+    vae_dir = tmp_path / "vae"
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4).save_pretrained(vae_dir)
+    out = tmp_path / "locality.json"
+    done = subprocess.run([sys.executable, str(BENCH / "latent_locality.py"), str(vae_dir), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["held_out"] == "green on black" and len(figures["nearest"]) == 4
+    assert set(figures["black_vs_gray"]) == set(COLORS) and figures["spread_on_black"] > 0

@@ -29,6 +29,19 @@ def positive(*values) -> bool:
     return all(isinstance(v, (int, float)) and v > 0 for v in values)
 
 
+def shapes_folder(root: Path, n: int) -> Path:
+    """An image folder of n shapes scenes at 32 px with their captions in metadata.jsonl."""
+    from ldm.data.shapes import ShapesDataset
+
+    root.mkdir()
+    rows = []
+    for i, item in enumerate(ShapesDataset(size=n, resolution=32, seed=5)):
+        item["image"].save(root / f"{i:02d}.png")
+        rows.append(json.dumps({"file_name": f"{i:02d}.png", "text": item["caption"]}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
 def test_bench_train_prints_both_sides_and_the_ratio(tmp_path):
     figures, stdout = run_bench("bench_train.py", tmp_path, "--steps", "2", "--warmup", "1")
     assert positive(figures["baseline_images_per_s"], figures["baseline_precomputed_images_per_s"],
@@ -117,6 +130,22 @@ def test_text_encoder_comparison_runs_every_stage_and_scores_both(tmp_path):
         assert (ldm_json.get("objective", "diffusion"), row["sampler"]) == {
             "eps": ("diffusion", "dpm++2m"), "v": ("diffusion", "dpm++2m"), "flow": ("flow", "flow-dpm++2m")}[name]
     assert "eps | " in ran.stdout and "flow | " in ran.stdout
+
+    # on real images (--data): the same U-Net scored by FID/KID and caption retrieval on the folder's held-out images
+    folder = shapes_folder(tmp_path / "folder", 8)
+    ran = subprocess.run([sys.executable, str(BENCH / "objectives.py"), "--demo", str(out), "--cache",
+                          str(out / "latents-trained"), "--out", str(tmp_path / "objectives-q"), "--objectives", "eps",
+                          "--steps", "2", "--n", "2", "--sample-steps", "1", "--data", str(folder),
+                          "--json", str(tmp_path / "objectives-q.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    quality = json.loads((tmp_path / "objectives-q.json").read_text())
+    assert quality["measure"].startswith("FID, KID and caption retrieval on 2 held-out images")
+    row = quality["objectives"]["eps"]["scores"]["1"]
+    assert row["n"] == 2 and row["features"].startswith(f"clip:{out / 'clip'}")
+    assert positive(row["fid"]) and 0 <= row["top1"] <= 1 and row["top1_ceiling"] >= row["top1_chance"]
+    assert (tmp_path / "objectives-q" / "quality-eps-1" / "eval.json").is_file()
+    assert "eps | " in ran.stdout and "FID / top-1" in ran.stdout
 
 
 def test_bench_distill_times_the_student_against_its_teacher(tmp_path):

@@ -7,9 +7,10 @@
 
 Not a speed benchmark: it measures what issue #20 asks of the objectives. It takes the demo's
 CLIP, VAE and latent cache (`python demo.py` makes them) and trains one U-Net per objective with
-configs/ldm/shapes_cpu.yaml, changing only the noise section:
+configs/ldm/<preset>.yaml, changing only the noise section (the demo's own U-Net, <demo>/ldm, stands
+for the objective it was trained with):
 
-    eps    noise.prediction_type=epsilon (the demo's own U-Net: <demo>/ldm, when it is there)
+    eps    noise.prediction_type=epsilon, the scaled-linear DDPM schedule, min-SNR 5
     v      noise.prediction_type=v_prediction (Salimans & Ho 2022), the same DDPM schedule and min-SNR
     flow   noise.objective=flow (rectified flow, SD3: logit-normal t, no shift)
     flow-uniform   the same with t ~ U[0, 1] (--objectives flow-uniform; not in the default set)
@@ -43,9 +44,10 @@ from ldm.config import load_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ORDER = ("color", "shape", "size", "position", "background", "all")
-OBJECTIVES = {  # name: (noise overrides, sampler)
-    "eps": ([], "dpm++2m"),
-    "v": (["noise.prediction_type=v_prediction"], "dpm++2m"),
+DDPM = "beta_schedule: scaled_linear, snr_gamma: 5.0"  # the CPU presets' schedule and min-SNR weighting
+OBJECTIVES = {  # name: (the noise section, sampler)
+    "eps": ([f"noise={{prediction_type: epsilon, {DDPM}}}"], "dpm++2m"),
+    "v": ([f"noise={{prediction_type: v_prediction, {DDPM}}}"], "dpm++2m"),
     "flow": (["noise={objective: flow}"], "flow-dpm++2m"),
     "flow-uniform": (["noise={objective: flow, timestep_sampling: uniform}"], "flow-dpm++2m"),
 }
@@ -72,11 +74,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def unet_dir(args, name: str) -> Path:
-    """The demo's own U-Net stands for eps when it was trained with the same step count."""
+    """The demo's own U-Net stands for the objective it was trained with, when trained with the same step count."""
     own = Path(args.demo) / "ldm"
-    if name == "eps" and args.steps is None and (own / "pipeline" / "model_index.json").exists():
+    if args.steps is None and (own / "pipeline" / "model_index.json").exists() and objective_of_run(own) == name:
         return own
     return Path(args.out) / f"ldm-{name}"
+
+
+def objective_of_run(run: Path) -> str:
+    """eps, v, flow or flow-uniform: what the run's resolved config.yaml trained (the names of OBJECTIVES)."""
+    import yaml
+
+    noise = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("noise", {})
+    if noise.get("objective") == "flow":
+        return "flow-uniform" if noise.get("timestep_sampling") == "uniform" else "flow"
+    return "v" if noise.get("prediction_type") == "v_prediction" else "eps"
 
 
 def main(argv=None) -> dict:

@@ -165,12 +165,14 @@ class HeldOutQuality:
         self.features = args.features or f"clip:{Path(args.demo) / 'clip'}"
         self.measure = (f"FID, KID and caption retrieval on {args.n} held-out images of {args.data}, "
                         f"features {self.features}")
+        self.data = None  # the folder's data config, at the first pipeline's size (all train on the same latents)
 
     def __call__(self, pipe, name: str, sampler: str, steps: int) -> dict:
         from ldm.evaluate import evaluate_pipeline, folder_data
 
-        data = folder_data(self.args.data, pipe.native_size, self.args.n)
-        record = evaluate_pipeline(pipe, data, self.features, n=self.args.n,
+        if self.data is None:
+            self.data = folder_data(self.args.data, pipe.native_size, self.args.n)
+        record = evaluate_pipeline(pipe, self.data, self.features, n=self.args.n,
                                    out_dir=Path(self.args.out) / f"quality-{name}-{steps}", scheduler=sampler,
                                    steps=steps, guidance_scale=self.args.guidance_scale)
         return record["quality"]

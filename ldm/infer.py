@@ -209,10 +209,13 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtyp
     record = _ldm_record(path)
     # the class tells a saved FlowMatch* scheduler (a flow model's) from a diffusion one
     base = dict(record.get("training_scheduler") or {"_class_name": type(sd.scheduler).__name__, **sd.scheduler.config})
+    sampling = dict(record.get("sampling") or {})
+    # ldm.json's recommended sampler first: a flow consistency student saves flow-ddim for diffusers' pipeline,
+    # which cannot run FlowMatchLCMScheduler, and recommends flow-lcm
+    default = sampling.get("scheduler") or scheduler_name_of(sd.scheduler) or DEFAULT_SAMPLERS[objective_of(base)]
     pipe = Pipeline(unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
-                    base_scheduler_config=base,
-                    default_scheduler=scheduler_name_of(sd.scheduler) or DEFAULT_SAMPLERS[objective_of(base)],
-                    clip_skip=int(record.get("clip_skip", 0)), path=str(path), sampling=dict(record.get("sampling") or {}),
+                    base_scheduler_config=base, default_scheduler=default,
+                    clip_skip=int(record.get("clip_skip", 0)), path=str(path), sampling=sampling,
                     consistency=record.get("consistency"), classes=record.get("classes"))
     return apply_to_pipeline(pipe, fast) if fast is not None else pipe
 

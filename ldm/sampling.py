@@ -26,6 +26,7 @@ import dataclasses
 import inspect
 from typing import Callable
 
+import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                        DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
@@ -74,6 +75,8 @@ FLOW_SCHEDULERS: dict[str, tuple[type, dict, str]] = {
     "flow-dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_flow_sigmas": True},
                      "DPM-Solver++(2M) on flow sigmas (Lu et al. 2022)"),
     "flow-unipc": (UniPCMultistepScheduler, {"use_flow_sigmas": True}, "UniPC on flow sigmas (Zhao et al. 2023)"),
+    "flow-ddim": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 1, "use_flow_sigmas": True},
+                  "DDIM on flow sigmas (DPM-Solver++ of order 1): what diffusers runs of a flow consistency student"),
 }
 SCHEDULERS: dict[str, tuple[type, dict, str]] = {**DIFFUSION_SCHEDULERS, **FLOW_SCHEDULERS}
 # What a model is sampled with when nobody names a sampler: one that diffusers' StableDiffusionPipeline
@@ -286,7 +289,7 @@ def kept_timesteps(scheduler, num_steps: int, strength: float, device) -> torch.
     diffusers' get_timesteps: multistep schedulers keep `order` entries per step)."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    scheduler.set_timesteps(num_steps, device=device)
+    set_steps(scheduler, num_steps, device)
     kept = min(int(num_steps * strength), num_steps)
     if kept < 1:
         raise ValueError(f"strength {strength} with {num_steps} steps leaves no step to run; raise either")
@@ -294,6 +297,17 @@ def kept_timesteps(scheduler, num_steps: int, strength: float, device) -> torch.
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return scheduler.timesteps[start:]
+
+
+def set_steps(scheduler, num_steps: int, device) -> None:
+    """`scheduler.set_timesteps(num_steps)`, except FlowMatchLCMScheduler: its own grid runs from sigma 1 to
+    1 / num_train_timesteps inclusive, so the last of n steps starts where the sample is already clean and
+    re-predicts it (2 steps are 1). Here it takes the n sigmas 1, (n - 1) / n, ..., 1 / n (before its shift),
+    each step a jump to x0 and back to the next."""
+    if isinstance(scheduler, FlowMatchLCMScheduler):
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1], device=device)
+    else:
+        scheduler.set_timesteps(num_steps, device=device)
 
 
 def is_flow(scheduler) -> bool:
@@ -376,7 +390,7 @@ def _start(scheduler, noise: torch.Tensor, num_steps: int, strength: float, imag
     if from_image:
         timesteps = kept_timesteps(scheduler, num_steps, strength, noise.device)
     else:
-        scheduler.set_timesteps(num_steps, device=noise.device)
+        set_steps(scheduler, num_steps, noise.device)
         timesteps = scheduler.timesteps
     if strength < 1.0:
         return timesteps, add_noise(scheduler, image_latents, noise, timesteps[:1].repeat(noise.shape[0]))

@@ -23,8 +23,8 @@ from ldm.data.cache import CacheMismatchError
 from ldm.infer import generate, load_pipeline
 from ldm.infer import main as infer_main
 from ldm.sampling import denoise, guidance_embedding, make_scheduler
-from ldm.train.distill import (ConsistencyConfig, DDIMSolver, DistillConfig, consistency_output, distill, lcm_scheduler, student_unet,
-                               teacher_schedule_problem)
+from ldm.train.distill import (ConsistencyConfig, DDIMSolver, DistillConfig, FlowSolver, distill, lcm_scheduler, make_solver,
+                               student_unet, teacher_schedule_problem)
 from ldm.train.ldm import train_ldm
 
 from fixtures_runs import latents, ldm_cfg  # noqa: F401  (fixture)
@@ -118,7 +118,7 @@ def test_the_trained_consistency_function_is_what_lcm_scheduler_samples_with(sca
     for t in sampler.timesteps:
         x, pred = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
         denoised = sampler.step(pred, t, x, generator=gen, return_dict=False)[1]
-        ours = consistency_output(scheduler, DDIMSolver(scheduler), pred, x, torch.full((2,), int(t)))
+        ours = DDIMSolver(scheduler).consistency(pred, x, torch.full((2,), int(t)))
         assert torch.allclose(ours, denoised, atol=1e-5), int(t)
 
 
@@ -250,24 +250,101 @@ def test_a_lora_run_exports_the_merged_student_and_an_lcm_lora_that_loads_onto_t
     assert max((folded.unet.state_dict()[k] - end[k]).abs().max().item() for k in end) < 1e-5
 
 
+# ----------------------------------------------------------------------------- a flow-matching teacher
+
+
+FLOW = {"num_train_timesteps": 1000, "shift": 2.0, "prediction_type": "flow_prediction"}
+
+
+def test_the_flow_solver_with_the_exact_velocity_lands_on_the_same_straight_path():
+    """Rectified flow's paths are straight for a fixed (x0, eps): one Euler step with the exact velocity eps - x0
+    lands on x_s of the same pair, and the grid point below the first is clean data."""
+    solver = make_solver(FLOW, ConsistencyConfig(solver_steps=10))
+    assert isinstance(solver, FlowSolver) and len(solver.grid) == 10 and solver.previous[0] == 0
+    u = torch.arange(1, 11, dtype=torch.float64) / 10
+    assert torch.allclose(solver.grid.double(), 1000 * 2 * u / (1 + u), atol=1e-3)  # shifted as the teacher trained
+    assert torch.equal(solver.previous[1:], solver.grid[:-1])
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(10, 4, 8, 8, generator=gen), torch.randn(10, 4, 8, 8, generator=gen)
+    t, s = solver.grid, solver.previous
+    x_s = solver.update(eps - x0, solver.noised(x0, eps, t), t, s)
+    assert torch.allclose(x_s, solver.noised(x0, eps, s), atol=1e-5) and torch.allclose(x_s[0], x0[0], atol=1e-5)
+    # the consistency function of the exact velocity is x0 everywhere, and x itself at sigma 0 (the boundary)
+    assert torch.allclose(solver.consistency(eps - x0, solver.noised(x0, eps, t), t), x0, atol=1e-5)
+    assert torch.equal(solver.consistency(eps, x0, torch.zeros(10)), x0)
+
+
+def test_flow_lcm_steps_on_the_students_grid_and_applies_its_consistency_function():
+    """FlowMatchLCMScheduler in ldm.sampling takes the sigmas 1, 3/4, 1/2, 1/4 for 4 steps (shifted), which are
+    grid points of a 20-step solver, and each step re-noises the x0 of the function trained."""
+    from ldm.sampling import set_steps
+
+    solver = make_solver(FLOW, ConsistencyConfig(solver_steps=20))
+    sampler = solver.sampling_scheduler()
+    set_steps(sampler, 4, "cpu")
+    assert all(torch.isclose(solver.grid, t, atol=1e-2).any() for t in sampler.timesteps)
+    assert sampler.sigmas[-1] == 0 and len(sampler.timesteps) == 4
+    gen = torch.Generator().manual_seed(3)
+    x, v = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    for i, t in enumerate(sampler.timesteps):
+        out = sampler.step(v, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+        sigma_next = sampler.sigmas[i + 1]
+        x0 = solver.consistency(v, x, t.repeat(2))
+        assert torch.allclose(out, (1 - sigma_next) * x0 + sigma_next * noise, atol=1e-5), i
+        x = out
+
+
+@pytest.fixture(scope="module")
+def flow_student(latents, tmp_path_factory) -> dict:
+    """A 2-step flow-matching teacher on the cache, and its student after 3 distillation steps."""
+    root = tmp_path_factory.mktemp("flow-distill")
+    train_ldm(ldm_cfg(root / "teacher", latents, "train.steps=2", "train.save_every=0", "resume=",
+                      "noise.objective=flow", "noise.shift=2.0", "noise.snr_gamma=0"))
+    distill(distill_cfg(root / "student", root / "teacher", latents, "consistency.solver_steps=8"))
+    return {"teacher": root / "teacher", "student": root / "student"}
+
+
+def test_a_flow_teacher_distils_into_a_flow_lcm_student_that_infer_and_diffusers_sample(flow_student):
+    pipeline = flow_student["student"] / "pipeline"
+    info = json.loads((pipeline / "ldm.json").read_text())
+    assert info["objective"] == "flow" and info["sampling"] == {"scheduler": "flow-lcm", "steps": 4, "guidance_scale": 3.5}
+    assert info["consistency"]["solver"] == "euler" and info["consistency"]["shift"] == 2.0
+    assert info["training_scheduler"]["prediction_type"] == "flow_prediction"
+    ours = load_pipeline(pipeline, device="cpu", dtype="float32")
+    assert (ours.default_scheduler, ours.default_steps, ours.default_guidance) == ("flow-lcm", 4, 3.5)
+    for steps in (1, 2, 4):
+        image = generate(ours, ["a red circle"], seeds=[0], steps=steps, progress=False)[0]
+        assert image["scheduler"] == "flow-lcm" and np.isfinite(image["array"]).all()
+    with pytest.raises(ValueError, match="scheduler 'lcm' samples diffusion models"):
+        generate(ours, ["a red circle"], scheduler="lcm", progress=False)
+    # plain diffusers: StableDiffusionPipeline runs the saved flow-ddim (it cannot run a FlowMatch* scheduler), as infer does
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(["a red circle"], num_inference_steps=4, guidance_scale=3.5, generator=[torch.Generator().manual_seed(0)],
+                  output_type="np").images[0]
+    mine = generate(ours, ["a red circle"], seeds=[0], scheduler="flow-ddim", steps=4, progress=False)[0]["array"]
+    assert np.abs(mine - theirs).max() < 1e-4
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
 def test_teachers_the_solver_cannot_distil_are_refused_naming_why(teacher, latents, tmp_path):
     flow = {"num_train_timesteps": 1000, "shift": 3.0, "prediction_type": "flow_prediction"}
-    assert "flow-matching model (noise.objective=flow" in teacher_schedule_problem(flow, 50)
-    assert "distil a diffusion teacher (prediction_type epsilon, v_prediction, sample)" in teacher_schedule_problem(flow, 50).lower()
+    assert teacher_schedule_problem(flow, 50) is None  # the Euler solver's
+    assert "use_dynamic_shifting" in teacher_schedule_problem({**flow, "use_dynamic_shifting": True}, 50)
     assert "zero-terminal-SNR" in teacher_schedule_problem({**SCHEDULE, "rescale_betas_zero_snr": True}, 50)
     assert teacher_schedule_problem({**SCHEDULE, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}, 50) is None
     assert "beta_schedule='sigmoid'" in teacher_schedule_problem({**SCHEDULE, "beta_schedule": "sigmoid"}, 50)
     assert "exceeds its 1000 training timesteps" in teacher_schedule_problem(SCHEDULE, 2000)
-    # a flow pipeline on disk: refused when the config is loaded, before any work
-    flow_dir = tmp_path / "flow"
-    shutil.copytree(teacher / "pipeline", flow_dir)
-    record = json.loads((flow_dir / "ldm.json").read_text())
-    (flow_dir / "ldm.json").write_text(json.dumps({**record, "objective": "flow", "training_scheduler": flow}))
-    with pytest.raises(ConfigError, match=r"teacher .*flow: it is a flow-matching model"):
-        distill_cfg(tmp_path / "x", flow_dir, latents)
+    # a pipeline on disk: refused when the config is loaded, before any work
+    bad = tmp_path / "bad"
+    shutil.copytree(teacher / "pipeline", bad)
+    record = json.loads((bad / "ldm.json").read_text())
+    (bad / "ldm.json").write_text(json.dumps({**record, "training_scheduler": {**SCHEDULE, "beta_schedule": "sigmoid"}}))
+    with pytest.raises(ConfigError, match=r"teacher .*bad: beta_schedule='sigmoid'"):
+        distill_cfg(tmp_path / "x", bad, latents)
     # and the LCM sampler on a flow model, or a flow sampler on the student: the objective is named
     with pytest.raises(ValueError, match=r"scheduler 'lcm' samples diffusion models, but this model was trained with "
                                          r"noise.objective=flow; use one of: flow-euler"):
@@ -307,7 +384,7 @@ def test_bad_configs_caches_and_teachers_fail_before_any_work(teacher, latents, 
         distill_main([f"out_dir={tmp_path / 'z'}", f"teacher={full}", f"cache={latents['cache']}", *RUN])
 
 
-@pytest.mark.parametrize("name", ["shapes_cpu", "shapes_cpu_lora"])
+@pytest.mark.parametrize("name", ["shapes_cpu", "shapes_cpu_lora", "emoji_cpu"])
 def test_the_shipped_distill_configs_fit_the_demo_unet(name, tmp_path):
     """configs/distill/*.yaml load, and their LoRA targets name linear layers of the U-Net that
     configs/ldm/shapes_cpu.yaml builds (its proj_in/proj_out are 1x1 convolutions)."""

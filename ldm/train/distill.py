@@ -59,7 +59,7 @@ from ldm.config import ConfigError, require, to_dict
 from ldm.data.cache import CacheMismatchError, LatentCache, open_cache, text_identity, vae_identity
 from ldm.data.captions import CaptionConfig, process_caption
 from ldm.data.images import image_grid
-from ldm.diffusion import objective_of
+from ldm.diffusion import objective_of, shift_times
 from ldm.infer import Pipeline, _ldm_record, load_pipeline, resolve_pipeline_dir
 from ldm.models.lora import LoRAConfig, add_lora, merge_lora, save_lora
 from ldm.models.paths import model_path_problem
@@ -165,15 +165,16 @@ class DistillConfig:
 
 
 def teacher_schedule_problem(schedule: dict, solver_steps: int) -> str | None:
-    """Why the DDIM solver and LCMScheduler cannot distil a teacher trained with `schedule` (a diffusers
-    scheduler config, as ldm.json or scheduler/ records it), or None when they can."""
+    """Why the solvers here cannot distil a teacher trained with `schedule` (a diffusers scheduler config,
+    as ldm.json or scheduler/ records it), or None when they can."""
     if objective_of(schedule) == "flow":
-        return ("it is a flow-matching model (noise.objective=flow: velocity prediction on x_t = (1 - t) x0 + t eps); this "
-                "distillation's DDIM solver and the LCMScheduler it exports integrate the DDPM process. Distil a diffusion "
-                f"teacher (prediction_type {', '.join(SOLVER_PREDICTIONS)})")
+        if schedule.get("use_dynamic_shifting"):
+            return ("its flow schedule shifts timesteps by image size (use_dynamic_shifting, as Flux does); the Euler "
+                    "solver takes a fixed shift")
+        return None
     kind = schedule.get("prediction_type", "epsilon")
     if kind not in SOLVER_PREDICTIONS:
-        return f"prediction_type={kind!r}: the solver takes {', '.join(SOLVER_PREDICTIONS)}"
+        return f"prediction_type={kind!r}: the solver takes {', '.join(SOLVER_PREDICTIONS)} (or a flow model's velocity)"
     beta = schedule.get("beta_schedule", "linear")
     if schedule.get("trained_betas") is None and beta not in BETA_SCHEDULES:
         return f"beta_schedule={beta!r}: LCMScheduler builds {', '.join(BETA_SCHEDULES)} (or explicit trained_betas)"
@@ -192,14 +193,20 @@ def teacher_schedule_problem(schedule: dict, solver_steps: int) -> str | None:
 class DDIMSolver:
     """The skipping-step solver of LCM (Luo et al. 2023, sec. 4.3): one deterministic DDIM step (Song et al.
     2021, eq. 12 with eta = 0) from t to s = t - k on the teacher's schedule, on the grid of LCMScheduler
-    (t = k - 1, 2k - 1, ..., its `lcm_origin_timesteps`). s < 0 is clean data: alpha_bar = 1."""
+    (t = k - 1, 2k - 1, ..., its `lcm_origin_timesteps`). s < 0 is clean data: alpha_bar = 1.
+    The consistency function and the sampler are the exported LCMScheduler's."""
+
+    objective = "diffusion"
+    sampler = "lcm"  # what the export samples with, in diffusers as in infer.py
 
     def __init__(self, scheduler: LCMScheduler):
+        self.scheduler = scheduler
         self.prediction_type = scheduler.config.prediction_type
         self.alphas_cumprod = scheduler.alphas_cumprod.double()  # the exported scheduler's: one schedule everywhere
         steps = scheduler.config.original_inference_steps
         self.k = scheduler.config.num_train_timesteps // steps
         self.grid = torch.arange(1, steps + 1) * self.k - 1
+        self.previous = self.grid - self.k  # s of each t: the first is -1, clean data
 
     def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """alpha_bar_t per item (1 where t < 0), shaped to broadcast over `like`."""
@@ -222,6 +229,91 @@ class DDIMSolver:
         abar = self.alpha_bar(s, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
 
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, t)
+
+    def update(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The solver's step from t to s with the teacher's (guided) prediction."""
+        return self.step(*self.x0_and_eps(prediction, x_t, t), s)
+
+    def consistency(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """f(x_t, t) = c_skip x_t + c_out x0 from a U-Net prediction: what LCMScheduler.step calls `denoised`."""
+        c_skip, c_out = boundary_scalings(self.scheduler, t, x)
+        return c_skip * x + c_out * self.x0_and_eps(prediction, x, t)[0]
+
+    @staticmethod
+    def model_timestep(s: torch.Tensor) -> torch.Tensor:
+        return s.clamp(min=0)  # the U-Net's input at s < 0 (clean data), where f is x itself
+
+    def sampling_scheduler(self) -> LCMScheduler:
+        """A fresh scheduler of the sampler the export recommends (and saves: diffusers runs it)."""
+        return LCMScheduler.from_config(self.scheduler.config)
+
+    saved_scheduler = sampling_scheduler
+
+    def record(self) -> dict:
+        return {"solver": "ddim", "skip": self.k}
+
+
+class FlowSolver:
+    """The same for a flow-matching teacher (noise.objective=flow: x_t = (1 - sigma) x0 + sigma eps, velocity
+    eps - x0; Esser et al. 2024). The grid is N sigmas, u = 1/N, 2/N, ..., 1 shifted as the teacher was trained
+    (`ldm.diffusion.shift_times`), each with the grid point below it (0 below the first: clean data); the solver
+    is one Euler step of the teacher's ODE dx/dsigma = v; the consistency function is f(x, sigma) = x - sigma v,
+    the x0 that FlowMatchLCMScheduler.step re-noises. It is x itself at sigma = 0, so the boundary condition
+    holds without c_skip and c_out. Timesteps are sigma * num_train_timesteps, as the teacher saw them."""
+
+    objective = "flow"
+    sampler = "flow-lcm"
+
+    def __init__(self, schedule: dict, steps: int):
+        self.schedule = schedule
+        self.total = int(schedule.get("num_train_timesteps", 1000))
+        self.shift = float(schedule.get("shift", schedule.get("flow_shift", 1.0)))
+        sigmas = shift_times(torch.arange(steps + 1, dtype=torch.float64) / steps, self.shift) * self.total
+        self.grid, self.previous = sigmas[1:].float(), sigmas[:-1].float()
+
+    def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (t.double() / self.total).to(like.device, like.dtype).view(-1, *[1] * (like.ndim - 1))
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigma(t, x0)
+        return (1 - sigma) * x0 + sigma * noise
+
+    def update(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return x_t + (self.sigma(s, x_t) - self.sigma(t, x_t)) * prediction
+
+    def consistency(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x - self.sigma(t, x) * prediction
+
+    @staticmethod
+    def model_timestep(s: torch.Tensor) -> torch.Tensor:
+        return s
+
+    def sampling_scheduler(self):
+        """FlowMatchLCMScheduler, which infer.py, app.py and ldm.sampling step on sigmas 1, (n-1)/n, ..., 1/n
+        (`ldm.sampling.set_steps`), shifted: the student's grid points when n divides N."""
+        return make_scheduler(self.sampler, self.schedule)
+
+    def saved_scheduler(self):
+        """What the export saves for diffusers' StableDiffusionPipeline, which cannot run a FlowMatch* scheduler
+        (it multiplies by init_noise_sigma): DDIM on flow sigmas (`flow-ddim`), which steps from each x0 of the
+        consistency function along the noise it implies instead of fresh noise."""
+        return make_scheduler("flow-ddim", self.schedule)
+
+    def record(self) -> dict:
+        return {"solver": "euler", "shift": self.shift}
+
+
+Solver = DDIMSolver | FlowSolver
+
+
+def make_solver(schedule: dict, cfg: ConsistencyConfig) -> Solver:
+    """The solver for a teacher trained with `schedule`: DDIM on the DDPM process, Euler on a flow."""
+    if objective_of(schedule) == "flow":
+        return FlowSolver(schedule, cfg.solver_steps)
+    return DDIMSolver(lcm_scheduler(schedule, cfg))
+
 
 def boundary_scalings(scheduler: LCMScheduler, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(c_skip, c_out) of f(x, t) = c_skip x + c_out x0 (Song et al. 2023, eq. 8), from the exported
@@ -230,13 +322,6 @@ def boundary_scalings(scheduler: LCMScheduler, t: torch.Tensor, like: torch.Tens
     c_skip, c_out = torch.where(t < 0, 1.0, c_skip), torch.where(t < 0, 0.0, c_out)
     shape = (-1, *[1] * (like.ndim - 1))
     return c_skip.to(like.device, like.dtype).view(shape), c_out.to(like.device, like.dtype).view(shape)
-
-
-def consistency_output(scheduler: LCMScheduler, solver: DDIMSolver, prediction: torch.Tensor, x: torch.Tensor,
-                       t: torch.Tensor) -> torch.Tensor:
-    """f(x_t, t) from a U-Net prediction: what LCMScheduler.step calls `denoised`."""
-    c_skip, c_out = boundary_scalings(scheduler, t, x)
-    return c_skip * x + c_out * solver.x0_and_eps(prediction, x, t)[0]
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
@@ -346,10 +431,10 @@ def distill(cfg: DistillConfig) -> Path:
     log = start_run(accelerator, cfg, out_dir, "distill")
     torch.manual_seed(loop.seed)
     device = accelerator.device
-    scheduler = lcm_scheduler(teacher.base_scheduler_config, cc)
-    solver = DDIMSolver(scheduler)
-    accelerator.print(f"distilling {teacher.path} ({solver.prediction_type}): solver grid of {len(solver.grid)} steps, "
-                      f"k={solver.k}; guidance {cfg.guidance.w_min}-{cfg.guidance.w_max}, "
+    solver = make_solver(teacher.base_scheduler_config, cc)
+    kind = teacher.base_scheduler_config.get("prediction_type", "epsilon")
+    accelerator.print(f"distilling {teacher.path} ({kind}): {solver.record()['solver']} solver, a grid of "
+                      f"{len(solver.grid)} steps; guidance {cfg.guidance.w_min}-{cfg.guidance.w_max}, "
                       f"{'LoRA rank ' + str(cfg.lora.rank) if cfg.lora.rank else 'full weights'}")
 
     # --- models: frozen teacher and text encoder; the student (full, or LoRA on the teacher's own U-Net)
@@ -388,20 +473,19 @@ def distill(cfg: DistillConfig) -> Path:
         for micro in range(loop.grad_accum):
             indices = next(batches)
             gen = sample_generators(loop.seed, step, micro, rank * len(indices), len(indices))
-            z, cond, t, w = distill_inputs(cfg, cache, indices, gen, solver, text_encoder, tokenizer, teacher.clip_skip,
+            z, cond, t, s, w = distill_inputs(cfg, cache, indices, gen, solver, text_encoder, tokenizer, teacher.clip_skip,
                                            device, use_cached_text)
             noise = randn_tensor(z.shape, generator=gen, device=z.device, dtype=z.dtype)
-            x_t = scheduler.add_noise(z, noise, t)
-            s = t - solver.k
+            x_t = solver.noised(z, noise, t)
             w_emb = (guidance_embedding(w, cfg.guidance.embedding_dim).to(device, z.dtype)
                      if cfg.guidance.embedding_dim else None)
             with accelerator.accumulate(unet):
-                online = consistency_output(scheduler, solver, unet(x_t, t, cond, timestep_cond=w_emb).sample, x_t, t)
+                online = solver.consistency(unet(x_t, t, cond, timestep_cond=w_emb).sample, x_t, t)
                 with torch.no_grad():
                     x_s = teacher_step(teacher_unet, solver, x_t, t, s, cond, empty, w, accelerator)
                     with evaluating(raw), accelerator.autocast():
-                        pred = target(raw, x_s, s.clamp(min=0), cond, timestep_cond=w_emb).sample
-                    goal = consistency_output(scheduler, solver, pred.float(), x_s, s)
+                        pred = target(raw, x_s, solver.model_timestep(s), cond, timestep_cond=w_emb).sample
+                    goal = solver.consistency(pred.float(), x_s, s)
                 loss = pseudo_huber(online, goal, cc.huber_c)
                 if guard.ok(loss):
                     accelerator.backward(loss)
@@ -419,7 +503,7 @@ def distill(cfg: DistillConfig) -> Path:
 
     def evaluate(step: int) -> None:
         with swapped_ema(ema, trainable):
-            sample_grid(cfg, raw, teacher, latent_hw, out_dir / "samples" / f"step-{step:06d}.png")
+            sample_grid(cfg, raw, teacher, solver, latent_hw, out_dir / "samples" / f"step-{step:06d}.png")
 
     def export(step: int) -> None:
         """The (EMA) student with an LCMScheduler; LoRA: merged, and the adapters alone in lora/."""
@@ -427,11 +511,11 @@ def distill(cfg: DistillConfig) -> Path:
         if ema is not None:
             ema.copy_to(trainable)
         student.eval()
-        sample_grid(cfg, student, teacher, latent_hw, out_dir / "samples" / f"step-{step:06d}.png")
+        sample_grid(cfg, student, teacher, solver, latent_hw, out_dir / "samples" / f"step-{step:06d}.png")
         if cfg.lora.rank:
             save_lora(student, out_dir / "lora", name=out_dir.resolve().name)
             student = merge_lora(student)
-        export_student(cfg, student, teacher, scheduler, latent_hw, out_dir / "pipeline")
+        export_student(cfg, student, teacher, solver, latent_hw, out_dir / "pipeline")
 
     unet.train()
     run_loop(accelerator, loop, out_dir, log, guard, step, "distill", train_step, evaluate, export)
@@ -439,8 +523,9 @@ def distill(cfg: DistillConfig) -> Path:
 
 
 def distill_inputs(cfg: DistillConfig, cache: LatentCache, indices: list[int], gen: list[torch.Generator],
-                   solver: DDIMSolver, text_encoder, tokenizer, clip_skip: int, device, use_cached_text: bool):
-    """(latents, text conditioning, grid timesteps t, guidance scales w) of a micro-batch, each sample's draws
+                   solver: Solver, text_encoder, tokenizer, clip_skip: int, device, use_cached_text: bool):
+    """(latents, text conditioning, grid timesteps t, the solver's target timesteps s below them, guidance
+    scales w) of a micro-batch, each sample's draws
     from its own generator: flip, posterior sample, caption, then t and w. No caption dropout: the
     guidance the dropout trained for is the teacher's, and the student learns its result."""
     flip = random_flips(cache, gen)
@@ -454,10 +539,10 @@ def distill_inputs(cfg: DistillConfig, cache: LatentCache, indices: list[int], g
     n = torch.cat([torch.randint(0, len(solver.grid), (1,), generator=g) for g in gen])
     low, high = cfg.guidance.w_min, cfg.guidance.w_max
     w = low + (high - low) * uniform(gen)
-    return z, cond.to(device, z.dtype), solver.grid[n].to(device), w
+    return z, cond.to(device, z.dtype), solver.grid[n].to(device), solver.previous[n].to(device), w
 
 
-def teacher_step(teacher_unet, solver: DDIMSolver, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+def teacher_step(teacher_unet, solver: Solver, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
                  cond: torch.Tensor, empty: torch.Tensor, w: torch.Tensor, accelerator) -> torch.Tensor:
     """x_s: the DDIM step from t to s with the teacher's classifier-free guided prediction at scales w
     (uncond + w (cond - uncond), one batch of both; x0 and eps are linear in it, so guiding the prediction
@@ -466,15 +551,14 @@ def teacher_step(teacher_unet, solver: DDIMSolver, x_t: torch.Tensor, t: torch.T
         both = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([empty.expand_as(cond), cond])).sample.float()
     uncond, text = both.chunk(2)
     w = w.to(x_t.device, x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
-    x0, eps = solver.x0_and_eps(uncond + w * (text - uncond), x_t, t)
-    return solver.step(x0, eps, s)
+    return solver.update(uncond + w * (text - uncond), x_t, t, s)
 
 
 # ----------------------------------------------------------------------------- validation and export
 
 
 @torch.no_grad()
-def sample_grid(cfg: DistillConfig, unet, teacher: Pipeline, latent_hw: tuple[int, int], path: Path) -> None:
+def sample_grid(cfg: DistillConfig, unet, teacher: Pipeline, solver: Solver, latent_hw: tuple[int, int], path: Path) -> None:
     """One row per (step count, prompt), one column per seed, sampled by LCMScheduler at the recommended scale."""
     val = cfg.validation
     if not (val.prompts and val.seeds and val.steps):
@@ -487,7 +571,7 @@ def sample_grid(cfg: DistillConfig, unet, teacher: Pipeline, latent_hw: tuple[in
     images = []
     with evaluating(unet):
         for steps in val.steps:
-            scheduler = lcm_scheduler(teacher.base_scheduler_config, cfg.consistency)
+            scheduler = solver.sampling_scheduler()
             generators = seeded_generators(seeds)
             noise = initial_noise((len(prompts), unet.config.in_channels, *latent_hw), generators, device, cond.dtype)
             latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=steps,
@@ -497,23 +581,24 @@ def sample_grid(cfg: DistillConfig, unet, teacher: Pipeline, latent_hw: tuple[in
     image_grid(torch.cat(images) * 2 - 1, nrow=len(val.seeds)).save(path)
 
 
-def export_student(cfg: DistillConfig, unet, teacher: Pipeline, scheduler: LCMScheduler, latent_hw: tuple[int, int],
+def export_student(cfg: DistillConfig, unet, teacher: Pipeline, solver: Solver, latent_hw: tuple[int, int],
                    path: Path) -> None:
     """A StableDiffusionPipeline directory (the student's U-Net, the teacher's VAE, text encoder and tokenizer, the
-    LCMScheduler trained for) that diffusers samples as it is, plus `ldm.json`: the "consistency" record and
+    solver's saved scheduler: the LCMScheduler trained for, or a flow student's `flow-ddim`) that diffusers samples as it is, plus `ldm.json`: the "consistency" record and
     the recommended sampling, which infer.py and app.py take as their defaults."""
     pipe = StableDiffusionPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
-                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   unet=unet, scheduler=solver.saved_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     record = _ldm_record(resolve_pipeline_dir(cfg.teacher))
     factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
     info = {
-        "objective": "diffusion",
+        "objective": solver.objective,
         "clip_skip": teacher.clip_skip,
-        "training_scheduler": student_schedule(teacher.base_scheduler_config, cfg.consistency),
+        "training_scheduler": (student_schedule(teacher.base_scheduler_config, cfg.consistency)
+                               if solver.objective == "diffusion" else teacher.base_scheduler_config),
         "latent_size": list(latent_hw),
         "image_size": [s * factor for s in latent_hw],
-        "sampling": {"scheduler": "lcm", "steps": cfg.sample_steps, "guidance_scale": cfg.recommended_guidance},
+        "sampling": {"scheduler": solver.sampler, "steps": cfg.sample_steps, "guidance_scale": cfg.recommended_guidance},
         "consistency": {
             "method": "lcm",                                 # latent consistency distillation (Luo et al. 2023)
             "teacher": str(cfg.teacher),
@@ -521,8 +606,8 @@ def export_student(cfg: DistillConfig, unet, teacher: Pipeline, scheduler: LCMSc
             "guidance": {"w_min": cfg.guidance.w_min, "w_max": cfg.guidance.w_max,
                          "embedding_dim": cfg.guidance.embedding_dim,
                          "embedding_of": "guidance_scale - 1 (diffusers' timestep_cond)"},
-            "solver": "ddim", "solver_steps": cfg.consistency.solver_steps, "skip": DDIMSolver(scheduler).k,
-            "timestep_scaling": cfg.consistency.timestep_scaling,
+            **solver.record(), "solver_steps": cfg.consistency.solver_steps,
+            "timestep_scaling": cfg.consistency.timestep_scaling if solver.objective == "diffusion" else None,
             "target_decay": cfg.consistency.target_decay, "huber_c": cfg.consistency.huber_c,
             "lora": to_dict(cfg.lora) if cfg.lora.rank else None,  # merged into unet/; the adapters alone in ../lora/
             "steps": cfg.train.steps, "ema_decay": cfg.train.ema_decay,

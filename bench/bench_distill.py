@@ -6,8 +6,9 @@
     python bench/bench_distill.py --tiny        # random tiny teacher and student (tests/test_bench.py)
 
 Baseline: the teacher as the demo samples it, DPM++(2M) in 20 steps with classifier-free guidance 4
-(two U-Net passes a step, batched). Ours: the consistency-distilled student (distill.py) with its
-LCMScheduler in 4 steps (--student-steps), the guidance folded into one pass a step. Both through
+(two U-Net passes a step, batched; on flow sigmas for a flow teacher). Ours: the consistency-distilled
+student (distill.py) with its own sampler (LCMScheduler, or FlowMatchLCMScheduler for a flow teacher's
+student) in 4 steps (--student-steps), the guidance folded into one pass a step. Both through
 `ldm.infer.generate`, on the same device and dtype (float32 on a CPU), the same prompts and one
 CPU generator per image seeded alike; timed end to end (text encoding, denoising, VAE decode, PIL
 conversion). For each batch size each side runs once to warm up, then --repeats times taking
@@ -40,11 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from bench.common import report, synchronize  # noqa: E402
 
+from ldm.diffusion import objective_of  # noqa: E402
 from ldm.infer import generate, load_pipeline  # noqa: E402
+from ldm.sampling import DEFAULT_SAMPLERS  # noqa: E402
 
 PROMPTS = ["a large red circle on the left, on a gray background", "a small blue star at the top, on a black background",
            "a large yellow square in the center, on a white background", "a small green triangle on the right, on a gray background"]
-TEACHER = dict(scheduler="dpm++2m", steps=20, guidance_scale=4.0)  # the demo's sampling (configs/ldm/shapes_cpu.yaml)
+TEACHER = dict(scheduler="dpm++2m", steps=20, guidance_scale=4.0)  # the demo's sampling (configs/ldm/shapes_cpu.yaml);
+                                                                     # a flow teacher: its flow sampler, flow-dpm++2m
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,9 +99,17 @@ def save_tiny(root: Path) -> tuple[Path, Path]:
     return root / "teacher", root / "student"
 
 
+def sampling_of(teacher, student, args) -> tuple[dict, dict]:
+    """(teacher's, student's) settings: the teacher as the demo samples it (DPM++ 2M, on flow sigmas for a flow
+    model), the student with its own sampler (lcm, or flow-lcm for a flow student) in --student-steps."""
+    teacher_settings = {**TEACHER, "scheduler": DEFAULT_SAMPLERS[objective_of(teacher.base_scheduler_config)]}
+    return teacher_settings, dict(scheduler=student.default_scheduler, steps=args.student_steps,
+                                  guidance_scale=args.student_guidance)
+
+
 def timing(teacher, student, args) -> dict:
-    student_settings = dict(scheduler="lcm", steps=args.student_steps, guidance_scale=args.student_guidance)
-    sides = {"teacher": (teacher, TEACHER), "student": (student, student_settings)}
+    teacher_settings, student_settings = sampling_of(teacher, student, args)
+    sides = {"teacher": (teacher, teacher_settings), "student": (student, student_settings)}
     figures = {}
     for batch in args.batch_sizes:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
@@ -117,8 +129,8 @@ def timing(teacher, student, args) -> dict:
         row = {f"{name}_s_per_image": round(min(t) / batch, 5) for name, t in times.items()}
         row["ratio"] = round(row["teacher_s_per_image"] / row["student_s_per_image"], 2)
         figures[f"batch_{batch}"] = row
-        print(f"batch {batch}: teacher ({TEACHER['scheduler']}, {TEACHER['steps']} steps, CFG {TEACHER['guidance_scale']}) "
-              f"{row['teacher_s_per_image']:.4f} s/image | student (lcm, {args.student_steps} steps) "
+        print(f"batch {batch}: teacher ({teacher_settings['scheduler']}, {TEACHER['steps']} steps, CFG {TEACHER['guidance_scale']}) "
+              f"{row['teacher_s_per_image']:.4f} s/image | student ({student_settings['scheduler']}, {args.student_steps} steps) "
               f"{row['student_s_per_image']:.4f} s/image | ratio {row['ratio']:.2f}x", flush=True)
     return figures
 
@@ -163,12 +175,13 @@ def train_cost(args) -> dict:
 def adherence(teacher, student, args) -> dict:
     from ldm.evaluate import format_scores, prompt_adherence
 
-    scores = {"teacher": prompt_adherence(teacher, n=args.adherence, seed=args.seed, batch_size=32, **TEACHER)}
+    teacher_settings, student_settings = sampling_of(teacher, student, args)
+    scores = {"teacher": prompt_adherence(teacher, n=args.adherence, seed=args.seed, batch_size=32, **teacher_settings)}
     print(f"teacher, {TEACHER['steps']} steps: {format_scores(scores['teacher'])}", flush=True)
     for steps in args.adherence_steps:
         name = f"student_{steps}_steps"
-        scores[name] = prompt_adherence(student, n=args.adherence, seed=args.seed, batch_size=32, scheduler="lcm",
-                                        steps=steps, guidance_scale=args.student_guidance)
+        scores[name] = prompt_adherence(student, n=args.adherence, seed=args.seed, batch_size=32,
+                                        **{**student_settings, "steps": steps})
         scores[name]["of_teacher"] = round(scores[name]["all"] / max(scores["teacher"]["all"], 1e-9), 3)
         print(f"student, {steps} steps: {format_scores(scores[name])} ({scores[name]['of_teacher']:.0%} of the "
               f"teacher's all-five)", flush=True)
@@ -182,9 +195,10 @@ def main(argv=None) -> dict:
         teacher, student = (load_pipeline(p, device=str(args.device), dtype=torch.float32) for p in paths)
         args.student_guidance = args.student_guidance if args.student_guidance is not None else student.default_guidance
         figures = {"device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",
-                   "threads": torch.get_num_threads(), "teacher": {**TEACHER, "path": str(paths[0])},
-                   "student": {"scheduler": "lcm", "steps": args.student_steps, "guidance_scale": args.student_guidance,
-                               "path": str(paths[1])}}
+                   "threads": torch.get_num_threads()}
+        teacher_settings, student_settings = sampling_of(teacher, student, args)
+        figures["teacher"] = {**teacher_settings, "path": str(paths[0])}
+        figures["student"] = {**student_settings, "path": str(paths[1])}
         figures.update(timing(teacher, student, args))
         if args.adherence:
             figures.update(adherence(teacher, student, args))

@@ -327,6 +327,22 @@ def test_a_flow_teacher_distils_into_a_flow_lcm_student_that_infer_and_diffusers
     assert np.abs(mine - theirs).max() < 1e-4
 
 
+def test_bench_distill_times_a_flow_student_with_flow_samplers(flow_student, tmp_path):
+    """bench/bench_distill.py samples a flow teacher with DPM++ on flow sigmas and its student with flow-lcm."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "figures.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "bench_distill.py"),
+                           "--teacher", str(flow_student["teacher"]), "--student", str(flow_student["student"]),
+                           "--batch-sizes", "1", "--repeats", "1", "--cpu", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["teacher"]["scheduler"] == "flow-dpm++2m" and figures["student"]["scheduler"] == "flow-lcm"
+    assert figures["batch_1"]["ratio"] > 0
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

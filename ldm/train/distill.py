@@ -3,8 +3,9 @@ pipeline into a sampler of 1 to 4 steps.
 
     python distill.py --config configs/distill/shapes_cpu.yaml
 
-The teacher is any diffusion pipeline `ldm.infer.load_pipeline` reads (our run or pipeline
-directory, a Stable Diffusion diffusers directory or single file) that predicts epsilon, v or x0;
+The teacher is any pipeline `ldm.infer.load_pipeline` reads (our run or pipeline directory, a
+Stable Diffusion diffusers directory or single file) that predicts epsilon, v or x0, or a
+rectified-flow model (`FlowSolver`: an Euler step, f(x, sigma) = x - sigma v, FlowMatchLCMScheduler);
 the student starts as a copy of its U-Net and trains on the latent cache the teacher trained on.
 Each sample of a batch (the paper's Algorithm 1, with its sec. 4.2 guidance and 4.3 skipping steps):
 

@@ -104,7 +104,8 @@ def run_demo(out: Path, preset: str = "shapes_cpu", n_eval: int = N_EVAL, overri
     t0 = time.time()
     pipe = load_pipeline(ldm_dir / "pipeline")
     val = ldm_cfg.validation
-    sampling = dict(scheduler=val.scheduler, steps=val.steps, guidance_scale=val.guidance_scale, batch_size=32)
+    sampling = dict(scheduler=val.scheduler, steps=val.steps, guidance_scale=val.guidance_scale,
+                    guidance_interval=val.guidance_interval, batch_size=32)
     summary = {"timings_s": timings, "vae_eval": json.loads((vae_dir / "eval.json").read_text())}
     if heldout:
         summary["composition"] = score_composition(pipe, heldout, out, n_eval, sampling)

@@ -9,7 +9,9 @@ On any image folder (captions in metadata.jsonl/csv or sidecar .txt), the measur
 bootstrap intervals), for our pipelines, diffusers SD directories and single files alike:
 
     python -m ldm.evaluate PIPELINE --data FOLDER [--features clip:DIR|inception:FILE] [--n 200]
-        [--steps 25 --guidance-scale 7.5 --scheduler NAME --seed 0] [--out DIR] [--compare OTHER/eval.json]
+        [--steps 25 --guidance-scale 7.5 --guidance-interval LO HI --scheduler NAME --seed 0] [--out DIR]
+        [--compare OTHER/eval.json]
+    (sampling settings default to the pipeline's recommended ones, ldm.json's "sampling")
 
 writes DIR/eval.json and DIR/heldout-vs-generated.png (32 held-out images, each above the image
 generated from its caption). The held-out images are the
@@ -56,7 +58,7 @@ def prompt_adherence(pipe: Pipeline, n: int = 64, seed: int = 0, exclude=(), out
         image_grid(images, nrow=8).save(out_dir / f"{name}-grid.png")
         record = {"n": n, "scores": scores, "by_size": {k: v for k, v in by_size.items() if k != "all"},
                   "by_background": scores_by_background(images, scenes), "prompts": texts,
-                  "sampling": {k: v for k, v in sampling.items() if isinstance(v, (int, float, str))}}
+                  "sampling": {k: v for k, v in sampling.items() if isinstance(v, (int, float, str, tuple, list))}}
         (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
     return scores
 
@@ -132,7 +134,7 @@ def composition_adherence(pipe: Pipeline, heldout: list[dict], n_heldout: int = 
                      "vae_ceiling": ceiling})
     seen = prompt_adherence(pipe, n=n_seen, seed=seed, exclude=heldout, out_dir=out_dir, name="seen", **sampling)
     record = {"heldout": rows, "seen": {"n": n_seen, "scores": seen},
-              "sampling": {k: v for k, v in sampling.items() if isinstance(v, (int, float, str))}}
+              "sampling": {k: v for k, v in sampling.items() if isinstance(v, (int, float, str, tuple, list))}}
     if out_dir is not None:
         (Path(out_dir) / "adherence.json").write_text(json.dumps(record, indent=2))
     return record
@@ -211,7 +213,7 @@ def evaluate_pipeline(pipe: Pipeline, data: DataConfig, features: str, n: int = 
     figures = quality(images)
     record = {"pipeline": pipe.path, "data": data.source.path, "features": figures["features"], "n": figures["n"],
               "offset": offset,
-              "sampling": {k: v for k, v in results[0].items() if k in ("scheduler", "steps", "guidance_scale", "width", "height")},
+              "sampling": {k: v for k, v in results[0].items() if k in ("scheduler", "steps", "guidance_scale", "guidance_interval", "width", "height")},
               "seed": seed, "split": plan_split(data).record(), "quality": figures}
     print(f"quality: {summary_line(figures)}")
     if other is not None:
@@ -253,8 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "the CLIP whose text tower the pipeline was trained with")
     p.add_argument("--n", type=int, default=200, help="held-out images and prompts (one image each)")
     p.add_argument("--resolution", type=int, help="px the real images are resized to; default: the model's native size")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--steps", type=int, help="default: the pipeline's (ldm.json's recommended, else 25)")
+    p.add_argument("--guidance-scale", type=float, help="default: the pipeline's (ldm.json's recommended, else 7.5)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only the steps whose noise level (EDM sigma) is in (LO, HI]; default: the pipeline's "
+                   "(ldm.json), else every step; 0 inf: every step")
     p.add_argument("--scheduler", help="sampler short name; default: the pipeline's")
     p.add_argument("--offset", type=int, default=0,
                    help="skip the first OFFSET held-out images (in the key-hash order the run's own figures take "
@@ -281,7 +286,8 @@ def main(argv=None) -> None:
         data = folder_data(args.data, args.resolution or pipe.native_size, args.n + args.offset)
         evaluate_pipeline(pipe, data, features, n=args.n, seed=args.seed, resamples=args.bootstrap, out_dir=args.out,
                           compare=args.compare, batch_size=args.batch_size, offset=args.offset, steps=args.steps,
-                          guidance_scale=args.guidance_scale, scheduler=args.scheduler)
+                          guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
+                          scheduler=args.scheduler)
     except (ValueError, FileNotFoundError, IncomparableMetricsError) as err:
         sys.exit(f"error: {err}")
 

@@ -41,9 +41,9 @@ from ldm.models.text import encode_prompts
 from ldm.models.vae import downsample_factor
 from ldm.pipeline import INDEX, load_pipeline_dir, read_record, record_from_files
 from ldm.safetensors_io import open_safetensors
-from ldm.sampling import (DEFAULT_SAMPLERS, SCHEDULERS, ClassifierGuidance, Inpainting, decode_latents, denoise,
-                          encode_images, initial_noise, make_scheduler, scheduler_name_of, seed_sde_noise,
-                          seeded_generators)
+from ldm.sampling import (DEFAULT_SAMPLERS, SCHEDULERS, ClassifierGuidance, Inpainting, check_guidance_interval,
+                          decode_latents, denoise, encode_images, initial_noise, make_scheduler, scheduler_name_of,
+                          seed_sde_noise, seeded_generators)
 
 DEFAULT_SCHEDULER = "dpm++2m"  # for a pipeline whose saved scheduler has no name in SCHEDULERS
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5  # for a pipeline whose ldm.json recommends none
@@ -73,6 +73,11 @@ class Pipeline:
     @property
     def default_guidance(self) -> float:
         return float(self.sampling.get("guidance_scale", DEFAULT_GUIDANCE))
+
+    @property
+    def default_guidance_interval(self) -> tuple[float, float] | None:
+        interval = self.sampling.get("guidance_interval")
+        return tuple(float(v) for v in interval) if interval is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -274,7 +279,8 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
              height: int | None = None, batch_size: int = 4, eta: float = 0.0, init_image=None,
              strength: float | None = None, mask_image=None, keep_unmasked: bool = False,
              trajectory_every: int = 0, progress: bool = True, class_labels: list[str] | str | None = None,
-             classifier=None, classifier_scale: float = 0.0) -> list[dict]:
+             classifier=None, classifier_scale: float = 0.0,
+             guidance_interval: tuple[float, float] | None = None) -> list[dict]:
     """One image per prompt, image i from seeds[i] (default 0, 1, ...), `batch_size` at a time.
     `scheduler`, `steps` and `guidance_scale` default to the pipeline's (`Pipeline.default_*`: a
     consistency-distilled model samples with "lcm" in a few steps at the scale it was distilled for).
@@ -288,6 +294,8 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     returns with output_type="np"), the settings ("prompt", "negative_prompt", "seed", "scheduler",
     "steps", "guidance_scale", "guidance_rescale", "eta", "width", "height", "mode", "strength"), and
     "trajectory": [(t, x_t PIL, predicted x0 PIL)] every `trajectory_every` steps when asked.
+    `guidance_interval` (lo, hi) guides only the steps whose noise level (EDM sigma) is in (lo, hi]
+    (`ldm.sampling.denoise`); None: the pipeline's recommended one (ldm.json), if any; (0, inf): every step.
     `progress` shows a bar over the batches when there are several.
     `class_labels` (one class name per prompt, or one for all) picks the class of a class-conditional
     model (none given: its null class; classifier-free guidance runs against the null class), and
@@ -300,6 +308,8 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     scheduler = scheduler or pipe.default_scheduler
     steps = steps if steps is not None else pipe.default_steps
     guidance_scale = guidance_scale if guidance_scale is not None else pipe.default_guidance
+    guidance_interval = check_guidance_interval(guidance_interval if guidance_interval is not None
+                                                else pipe.default_guidance_interval)
     make_scheduler(scheduler, pipe.base_scheduler_config)  # a bad name or schedule fails before any work
     check_distilled_guidance(pipe, guidance_scale)
     images = _image_inputs(pipe, init_image, mask_image, width, height) if init_image is not None else None
@@ -311,7 +321,7 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     strength = strength if strength is not None else 0.8 if mode == "img2img" else 1.0
     _check_request(pipe, prompts, negative_prompts, seeds, width, height, strength, images)
     settings = dict(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                    eta=eta, width=width, height=height, mode=mode, strength=strength if images is not None else None)
+                    guidance_interval=guidance_interval, eta=eta, width=width, height=height, mode=mode, strength=strength if images is not None else None)
     wanted = [class_labels] * len(prompts) if isinstance(class_labels, str) else class_labels
     conditioning = class_conditioning(pipe, wanted, len(prompts), classifier, classifier_scale)
     if wanted is not None:
@@ -402,7 +412,7 @@ def _generate_batch(pipe: Pipeline, prompts, negative_prompts, seeds, images: _I
     inpaint = _inpainting(pipe, images, generators, latent_shape)                  # then the masked image
     snapshots = []  # (i, t, x_t, predicted x0) after every step
     latents = denoise(pipe.unet, scheduler, cond, uncond, noise, num_steps=s["steps"], guidance_scale=s["guidance_scale"],
-                      guidance_rescale=s["guidance_rescale"], generator=generators, eta=s["eta"],
+                      guidance_rescale=s["guidance_rescale"], guidance_interval=s["guidance_interval"], generator=generators, eta=s["eta"],
                       image_latents=image_latents, strength=s["strength"] or 1.0, inpaint=inpaint,
                       callback=(lambda *snapshot: snapshots.append(snapshot)) if trajectory_every else None,
                       **(classes or {}))
@@ -447,8 +457,8 @@ def _to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 # --------------------------------------------------------------------------- files
 
-PNG_KEYS = ("prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance_scale", "guidance_rescale", "eta",
-            "width", "height", "mode", "strength")
+PNG_KEYS = ("prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance_scale", "guidance_rescale",
+            "guidance_interval", "eta", "width", "height", "mode", "strength")
 
 
 def a1111_parameters(result: dict) -> str:
@@ -459,6 +469,8 @@ def a1111_parameters(result: dict) -> str:
         fields.append(f"Denoising strength: {result['strength']}")
     if result["guidance_rescale"]:
         fields.append(f"CFG rescale: {result['guidance_rescale']}")
+    if result.get("guidance_interval"):
+        fields.append(f"CFG interval: {list(result['guidance_interval'])}")
     return f"{result['prompt']}\nNegative prompt: {result['negative_prompt']}\n{', '.join(fields)}"
 
 
@@ -488,9 +500,10 @@ def save_trajectory(result: dict, stem: Path) -> tuple[Path, Path]:
 
 # What one line of a .jsonl prompts file may set, beside "prompt" (the CLI's flags otherwise).
 PER_PROMPT = ("negative_prompt", "seed", "num_images", "scheduler", "steps", "guidance_scale", "guidance_rescale",
-              "eta", "width", "height", "strength")
+              "guidance_interval", "eta", "width", "height", "strength")
 # Images that agree on these are generated in one batch.
-BATCH_SETTINGS = ("scheduler", "steps", "guidance_scale", "guidance_rescale", "eta", "width", "height", "strength")
+BATCH_SETTINGS = ("scheduler", "steps", "guidance_scale", "guidance_rescale", "guidance_interval", "eta", "width", "height",
+                  "strength")
 
 
 def read_prompts(prompt_args: list[str] | None, prompts_file: str | None) -> list[dict]:
@@ -533,6 +546,8 @@ def plan_images(items: list[dict], args: argparse.Namespace) -> list[dict]:
                          "negative_prompt": item.get("negative_prompt", args.negative_prompt),
                          "seed": item["seed"] + j if "seed" in item else args.seed + index,
                          **{k: item.get(k, getattr(args, k)) for k in BATCH_SETTINGS}})
+            if jobs[-1]["guidance_interval"] is not None:  # a list from the flag or the JSON line: a batch key
+                jobs[-1]["guidance_interval"] = tuple(jobs[-1]["guidance_interval"])
     return jobs
 
 
@@ -557,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance; 1 turns it off; default: the "
                    f"pipeline's ({DEFAULT_GUIDANCE}; a distilled one's, its distilled scale)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="0..1; 0.7 for zero-terminal-SNR models")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only the steps whose noise level (EDM sigma) is in (LO, HI] (Kynkaanniemi et al. 2024); "
+                   "default: the pipeline's (ldm.json), else every step; 0 inf: every step")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")

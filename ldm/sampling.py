@@ -353,6 +353,35 @@ def predicted_x0(scheduler, model_input: torch.Tensor, prediction: torch.Tensor,
     return prediction
 
 
+def noise_level(scheduler, t) -> float:
+    """The noise level of timestep t as EDM's sigma (Karras et al. 2022): x_t / alpha_t = x0 + sigma eps, so
+    sigma = sqrt((1 - abar) / abar) on the DDPM process and sigma_t / (1 - sigma_t) on a flow (inf at pure noise:
+    a flow's t = 1, a zero-terminal-SNR schedule's last timestep).
+    One scale for every objective and sampler, the one guidance intervals are given in."""
+    if is_flow(scheduler):
+        s = float(t) / scheduler.config.num_train_timesteps
+        return s / (1 - s) if s < 1 else float("inf")
+    abar = float(scheduler.alphas_cumprod[int(round(float(t)))])
+    return ((1 - abar) / abar) ** 0.5 if abar > 0 else float("inf")  # zero terminal SNR: pure noise
+
+
+def in_interval(scheduler, t, interval: tuple[float, float] | None) -> bool:
+    """Whether the step at timestep t is guided: lo < noise_level(t) <= hi; no interval: every step."""
+    return interval is None or interval[0] < noise_level(scheduler, t) <= interval[1]
+
+
+def check_guidance_interval(interval) -> tuple[float, float] | None:
+    """A (lo, hi) pair of EDM noise levels with 0 <= lo < hi (hi may be inf), or None; anything else is an error."""
+    if interval is None:
+        return None
+    if isinstance(interval, (str, bytes)) or len(interval) != 2:
+        raise ValueError(f"guidance_interval: need two noise levels (lo, hi), got {interval!r}")
+    lo, hi = (float(v) for v in interval)
+    if not 0 <= lo < hi:
+        raise ValueError(f"guidance_interval: need 0 <= lo < hi (EDM noise levels), got ({lo}, {hi})")
+    return lo, hi
+
+
 def guidance_embedding_dim(unet) -> int | None:
     """The width of a U-Net's guidance-scale embedding (diffusers' time_cond_proj_dim), None when it has none."""
     return getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
@@ -406,6 +435,7 @@ def denoise(
     callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     class_labels: torch.Tensor | None = None, uncond_class_labels: torch.Tensor | None = None,
     classifier_guidance: ClassifierGuidance | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """The reverse process: classifier-free guided steps from noise (or a noised image) to x_0.
 
@@ -418,7 +448,11 @@ def denoise(
     A class-conditional U-Net (ldm.data.labels) takes `class_labels` (B,), and with guidance on
     `uncond_class_labels` (its null class) in the unconditional branch; `classifier_guidance`
     (ClassifierGuidance) adds a classifier's gradient to every model evaluation.
+    `guidance_interval` (lo, hi) applies classifier-free guidance only at the steps whose noise level (EDM sigma,
+    `noise_level`) lies in (lo, hi], and the conditional prediction alone, one U-Net pass, elsewhere (Kynkaanniemi
+    et al. 2024, "Applying guidance in a limited interval": guidance at high noise narrows what is drawn).
     """
+    guidance_interval = check_guidance_interval(guidance_interval)
     blend = inpaint is not None and inpaint.masked_image_latents is None
     if image_latents is None and (strength < 1.0 or blend):
         raise ValueError("pass image_latents: img2img (strength < 1) starts from the image, and inpainting "
@@ -450,13 +484,20 @@ def denoise(
                                   "its output is a jump to x0, not a score; guide the model it was distilled from")
         if problem:
             raise ValueError(problem)
+    # outside the guidance interval a step runs the conditional half of the batch alone
+    n = x.shape[0]
+    cond_only = {"embeddings": cond, "channels": [c[-n:] for c in inpaint_channels],
+                 "labels": {k: v[-n:] for k, v in labels.items()}}
     for i, t in enumerate(timesteps):
-        model_in = _scale_model_input(scheduler, torch.cat([x] * 2) if guided else x, t)
-        scaled = model_in[-x.shape[0]:]
-        if inpaint_channels:
-            model_in = torch.cat([model_in, *inpaint_channels], dim=1)
-        pred = unet(model_in, t, encoder_hidden_states=embeddings, return_dict=False, **labels, **unet_kwargs)[0]
-        if guided:
+        guide = guided and in_interval(scheduler, t, guidance_interval)
+        model_in = _scale_model_input(scheduler, torch.cat([x] * 2) if guide else x, t)
+        scaled = model_in[-n:]
+        channels = inpaint_channels if guide else cond_only["channels"]
+        if channels:
+            model_in = torch.cat([model_in, *channels], dim=1)
+        pred = unet(model_in, t, encoder_hidden_states=embeddings if guide else cond_only["embeddings"],
+                    return_dict=False, **(labels if guide else cond_only["labels"]), **unet_kwargs)[0]
+        if guide:
             pred_uncond, pred_text = pred.chunk(2)
             pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
             if guidance_rescale > 0:  # Lin et al. 2024, sec. 3.4

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from ldm.diffusion import NoiseConfig, scheduler_config
 from ldm.models.presets import unet_config, vae_config
 from ldm.sampling import (SCHEDULERS, Inpainting, decode_latents, denoise, encode_images, initial_noise,
-                          make_scheduler, predicted_x0, sampler_objective, scheduler_name_of, seed_sde_noise,
+                          make_scheduler, noise_level, predicted_x0, sampler_objective, scheduler_name_of, seed_sde_noise,
                           seeded_generators)
 
 # The training schedules a model can come with (ldm.diffusion is what stage 3 saves).
@@ -158,3 +158,58 @@ def test_sde_noise_follows_the_image_seeds_not_the_global_rng(models):
     first, again, other = run([0, 1]), run([0, 1]), run([0, 2])
     assert torch.equal(first, again)
     assert torch.equal(first[0], other[0]) and not torch.equal(first[1], other[1])
+
+
+@pytest.mark.parametrize("schedule", ["epsilon", "flow"])
+def test_noise_level_is_edm_sigma(schedule):
+    """x_t / alpha_t = x0 + sigma eps: sqrt((1 - abar) / abar) on the DDPM process, s / (1 - s) on a flow."""
+    scheduler = make_scheduler("dpm++2m" if schedule == "epsilon" else "flow-euler", SCHEDULES[schedule])
+    if schedule == "flow":
+        assert noise_level(scheduler, 250) == pytest.approx(0.25 / 0.75)
+        assert noise_level(scheduler, 1000) == float("inf")
+    else:
+        abar = float(scheduler.alphas_cumprod[600])
+        assert noise_level(scheduler, 600) == pytest.approx(((1 - abar) / abar) ** 0.5)
+        assert noise_level(scheduler, 999) > 10 > 0.1 > noise_level(scheduler, 0)
+        zero_snr = make_scheduler("ddim", SCHEDULES["v_zero_snr_trailing"])
+        assert noise_level(zero_snr, 999) == float("inf")
+
+
+class _CountingUNet(torch.nn.Module):
+    """The tiny U-Net, recording the batch size of every call."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.batches = unet, []
+
+    def forward(self, x, t, **kwargs):
+        self.batches.append(x.shape[0])
+        return self.unet(x, t, **kwargs)
+
+
+@pytest.mark.parametrize("name,schedule", [("dpm++2m", "epsilon"), ("flow-dpm++2m", "flow")])
+def test_guidance_interval_guides_only_the_steps_inside_it(models, name, schedule):
+    unet, _, cond, uncond = models
+    counting = _CountingUNet(unet)
+
+    def run(guidance_scale=4.0, uncond=uncond, **kwargs):
+        noise, generators = _noise()
+        counting.batches.clear()
+        return denoise(counting, make_scheduler(name, SCHEDULES[schedule]), cond, uncond, noise, num_steps=6,
+                       guidance_scale=guidance_scale, generator=generators, **kwargs)
+
+    guided = run()
+    assert counting.batches == [4] * 6
+    torch.testing.assert_close(run(guidance_interval=(0, float("inf"))), guided, atol=0, rtol=0)
+    unguided = run(uncond=None)
+    torch.testing.assert_close(run(guidance_interval=(1e6, 1e7)), unguided, atol=0, rtol=0)
+    assert counting.batches == [2] * 6  # the conditional pass alone
+    scheduler = make_scheduler(name, SCHEDULES[schedule])
+    scheduler.set_timesteps(6)
+    levels = [noise_level(scheduler, t) for t in scheduler.timesteps]
+    lo, hi = levels[4], levels[1]  # guided: steps 2, 3 and 4 (lo < sigma <= hi)
+    middle = run(guidance_interval=(lo, hi))
+    assert counting.batches == [2, 4, 4, 4, 2, 2]
+    assert not torch.equal(middle, guided) and not torch.equal(middle, unguided)
+    with pytest.raises(ValueError, match="need 0 <= lo < hi"):
+        run(guidance_interval=(2.0, 1.0))

@@ -23,7 +23,7 @@ from ldm.cli import train_ldm_main
 from ldm.config import ConfigError, load_config
 from ldm.data.cache import CacheMismatchError, LatentCache, open_cache
 from ldm.export import export_single_file
-from ldm.infer import load_pipeline
+from ldm.infer import generate, load_pipeline
 from ldm.infer import main as infer_main
 from ldm.models.conditioning import load_text
 from ldm.models.presets import unet_config, vae_config
@@ -87,7 +87,8 @@ def full(vae_dir, cache_dir, tmp_path_factory):
                   "noise.noise_offset=0.1", "train.ema_decay=0.9", "gradient_checkpointing=true", "train.grad_accum=2",
                   "train.max_grad_norm=0.5", "train.lr=1e-3", "train.warmup_steps=2", "train.lr_schedule=cosine",
                   "train.steps=4", "train.eval_every=2", "train.save_every=1", "train.checkpoints_total_limit=2",
-                  "caption_dropout=0.2", "sample_scheduler=ddim", "validation.scheduler=euler", vae=vae_dir)
+                  "caption_dropout=0.2", "sample_scheduler=ddim", "validation.scheduler=euler",
+                  "validation.steps=6", "validation.guidance_scale=3", "validation.guidance_interval=[0.5, 5.0]", vae=vae_dir)
     seen: dict = {"clips": 0}
     clip = Accelerator.clip_grad_norm_
 
@@ -121,6 +122,26 @@ def test_export_loads_in_diffusers_with_the_training_schedule(full):
     assert info["noise"]["snr_gamma"] == 5.0 and info["noise"]["noise_offset"] == pytest.approx(0.1)
     assert info["training_scheduler"]["rescale_betas_zero_snr"] is True and info["latent_size"] == [8, 8]
     assert pipe.unet.config.sample_size == 8 and pipe.unet.config.cross_attention_dim == 64
+
+
+def test_the_export_recommends_the_validations_sampling_and_generate_takes_it(full):
+    info = json.loads((full["pipeline"] / "ldm.json").read_text())
+    assert info["sampling"] == {"steps": 6, "guidance_scale": 3.0, "guidance_interval": [0.5, 5.0]}
+    pipe = load_pipeline(full["pipeline"], device="cpu")
+    prompt = ["a large red circle on the left, on a gray background"]
+    default = generate(pipe, prompt, progress=False)[0]
+    assert (default["steps"], default["guidance_scale"], default["guidance_interval"]) == (6, 3.0, (0.5, 5.0))
+    explicit = generate(pipe, prompt, steps=6, guidance_scale=3, guidance_interval=(0.5, 5.0), progress=False)[0]
+    every_step = generate(pipe, prompt, guidance_interval=(0, float("inf")), progress=False)[0]
+    np.testing.assert_array_equal(default["array"], explicit["array"])
+    assert np.abs(default["array"] - every_step["array"]).max() > 0
+
+
+def test_a_bad_guidance_interval_is_a_config_error(cache_dir, tmp_path):
+    with pytest.raises(ConfigError, match="validation.guidance_interval: need 0 <= lo < hi"):
+        ldm_cfg(tmp_path, cache_dir, "validation.guidance_interval=[5.0, 0.5]")
+    with pytest.raises(ConfigError, match="validation.guidance_interval: need two noise levels"):
+        ldm_cfg(tmp_path, cache_dir, "validation.guidance_interval=[1.0]")
 
 
 def test_the_export_holds_the_ema_weights_not_the_last_ones(full):

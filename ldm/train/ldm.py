@@ -46,7 +46,8 @@ from ldm.models.vae import load_vae
 from ldm.pipeline import RECORD, read_record, record_from_files, save_pipeline
 from ldm.quality import (QualityEval, Stopwatch, check_run_history, check_spec, data_config_of_cache, default_features,
                          load_feature_network, real_images, summary_line)
-from ldm.sampling import DEFAULT_SAMPLERS, decode_latents, denoise, initial_noise, make_scheduler, seeded_generators
+from ldm.sampling import (DEFAULT_SAMPLERS, check_guidance_interval, decode_latents, denoise, initial_noise, make_scheduler,
+                          seeded_generators)
 from ldm.single_file import resolve_models
 from ldm.train.common import (LoopConfig, NonFiniteGuard, lr_lambda, make_accelerator, make_optimizer,
                               register_schedule, resume, sample_generators, start_run, uniform)
@@ -62,6 +63,9 @@ class ValidationConfig:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3])  # one image per prompt and seed
     steps: int = 25                 # sampling steps
     guidance_scale: float = 4.0
+    guidance_interval: list[float] | None = None  # [lo, hi]: guide only the steps whose noise level (EDM sigma) is in
+                                    # (lo, hi], the conditional prediction alone elsewhere (ldm.sampling.denoise);
+                                    # None: every step. The export recommends these sampling settings (ldm.json)
     scheduler: str = ""             # "": dpm++2m, or flow-dpm++2m with noise.objective=flow
     held_out_batches: int = 4       # batches of held-out latents for the validation loss (fixed noise and t)
     quality_n: int = 200            # held-out images (their captions the prompts, fixed seeds) for FID, KID and
@@ -76,6 +80,10 @@ class ValidationConfig:
         require(self.quality_steps >= 0, f"validation.quality_steps must be >= 0, got {self.quality_steps}")
         require(self.quality_n >= 0, f"validation.quality_n must be >= 0, got {self.quality_n}")
         require(self.bootstrap >= 0, f"validation.bootstrap must be >= 0, got {self.bootstrap}")
+        try:
+            check_guidance_interval(self.guidance_interval)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"validation.{err}") from None
         check_spec("validation.features", self.features)
 
 
@@ -603,7 +611,8 @@ class Validator:
             uncond = empty.expand(len(batch), -1, -1)
             noise = initial_noise((len(batch), unet.config.in_channels, *self.latent_hw), generators, device, cond.dtype)
             latents = denoise(unet, scheduler, cond, uncond, noise, num_steps=steps or val.steps,
-                              guidance_scale=val.guidance_scale, generator=generators, **self.prompt_labels(batch, device))
+                              guidance_scale=val.guidance_scale, guidance_interval=val.guidance_interval,
+                              generator=generators, **self.prompt_labels(batch, device))
             out.append(decode_latents(self.vae.to(device), latents).cpu())
         return torch.cat(out)
 
@@ -622,6 +631,14 @@ class Validator:
                 wanted.append(null)
         return {"class_labels": torch.tensor(wanted, device=device),
                 "uncond_class_labels": torch.full((len(prompts),), null, device=device)}
+
+
+def recommended_sampling(val: ValidationConfig) -> dict:
+    """What the export recommends (ldm.json "sampling"): the validation's steps and guidance, which its figures used."""
+    out = {"steps": val.steps, "guidance_scale": val.guidance_scale}
+    if val.guidance_interval is not None:
+        out["guidance_interval"] = list(val.guidance_interval)
+    return out
 
 
 def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, latent_hw: tuple[int, int], path: Path,
@@ -657,6 +674,7 @@ def export_pipeline(cfg: LDMTrainConfig, unet, vae, text_encoder, tokenizer, lat
         "lora": to_dict(cfg.lora) if cfg.lora.rank else None,  # merged into unet/; the adapters alone in ../lora/
         "ema_decay": cfg.train.ema_decay,
         "validation": to_dict(cfg.validation),
+        "sampling": recommended_sampling(cfg.validation),    # infer.py's, app.py's and ldm.evaluate's defaults
         "split": split,                                      # the held-out latents of val_loss (cache manifest)
         "labels": cfg.labels or None,                        # class-conditional (ldm.data.labels): how labels were read
         "classes": classes,                                  # class names by label; the null class is len(classes)

@@ -134,7 +134,10 @@ class Demo:
                    for i in range(num_images)]
         seconds = time.perf_counter() - start
         gallery = [(r["image"], f"seed {r['seed']}") for r in results]
-        summary = f"{num_images} image(s), {width}x{height}, {scheduler}, {steps} steps, guidance {guidance_scale}: {seconds:.1f} s"
+        interval = results[0]["guidance_interval"]  # the pipeline's recommended one (ldm.json), if any
+        where = f" at noise levels ({interval[0]}, {interval[1]}]" if interval else ""
+        summary = (f"{num_images} image(s), {width}x{height}, {scheduler}, {steps} steps, guidance {guidance_scale}{where}: "
+                   f"{seconds:.1f} s")
         return gallery, figure_to_image(reverse_figure(results[0])), summary
 
     def forward(self, image: Image.Image | None, schedule: str, zero_snr: bool, timesteps: str, latent: bool,

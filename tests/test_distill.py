@@ -20,11 +20,12 @@ from safetensors.torch import load_file
 from ldm.cli import distill_main
 from ldm.config import ConfigError, load_config
 from ldm.data.cache import CacheMismatchError
+from ldm.diffusion import NoiseConfig, scheduler_config
 from ldm.infer import generate, load_pipeline
 from ldm.infer import main as infer_main
-from ldm.sampling import denoise, guidance_embedding, make_scheduler
-from ldm.train.distill import (ConsistencyConfig, DDIMSolver, DistillConfig, FlowSolver, distill, lcm_scheduler, make_solver,
-                               student_unet, teacher_schedule_problem)
+from ldm.sampling import denoise, guidance_embedding, make_scheduler, noise_level
+from ldm.train.distill import (ConsistencyConfig, DDIMSolver, DistillConfig, FlowSolver, GuidanceConfig, distill,
+                               guided_scales, lcm_scheduler, make_solver, student_unet, teacher_schedule_problem)
 from ldm.train.ldm import train_ldm
 
 from fixtures_runs import latents, ldm_cfg  # noqa: F401  (fixture)
@@ -369,6 +370,26 @@ def test_teachers_the_solver_cannot_distil_are_refused_naming_why(teacher, laten
         make_scheduler("flow-lcm", SCHEDULE)
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "flow"])
+def test_the_teacher_guides_only_the_solver_steps_inside_the_guidance_interval(kind):
+    """guidance.interval: the solver's step at t is guided at w where t's noise level (EDM sigma, as the sampler
+    measures it) is in (lo, hi], and takes the conditional prediction (scale 1) elsewhere."""
+    schedule = scheduler_config(NoiseConfig(objective="flow") if kind == "flow" else NoiseConfig())
+    solver = make_solver(schedule, ConsistencyConfig(solver_steps=10))
+    sampler = make_scheduler("flow-euler" if kind == "flow" else "ddim", schedule)
+    t = solver.grid
+    levels = solver.noise_level(t)
+    for time, level in zip(t.tolist(), levels.tolist()):
+        assert level == pytest.approx(noise_level(sampler, time), rel=1e-4)
+    lo, hi = float(levels[2]), float(levels[6])  # grid points 3 to 6 guided
+    cfg = DistillConfig.__new__(DistillConfig)  # only its guidance section is read (no teacher to check)
+    cfg.guidance = GuidanceConfig(interval=[lo, hi])
+    w = torch.full((len(t),), 4.0)
+    assert guided_scales(solver, t, w, cfg).tolist() == [1, 1, 1, 4, 4, 4, 4, 1, 1, 1]
+    cfg.guidance.interval = None
+    assert torch.equal(guided_scales(solver, t, w, cfg), w)
+
+
 def test_bad_configs_caches_and_teachers_fail_before_any_work(teacher, latents, full, tmp_path):
     with pytest.raises(ConfigError, match="an LCM-LoRA loads onto the teacher's U-Net, which has no guidance-embedding"):
         distill_cfg(tmp_path / "x", teacher, latents, "lora.rank=4")
@@ -376,6 +397,8 @@ def test_bad_configs_caches_and_teachers_fail_before_any_work(teacher, latents, 
         distill_cfg(tmp_path / "x", teacher, latents, "guidance.embedding_dim=0")
     with pytest.raises(ConfigError, match="sample_guidance=9.0 is outside the distilled range"):
         distill_cfg(tmp_path / "x", teacher, latents, "sample_guidance=9")
+    with pytest.raises(ConfigError, match=r"guidance.interval: need 0 <= lo < hi"):
+        distill_cfg(tmp_path / "x", teacher, latents, "guidance.interval=[3.0, 1.0]")
     with pytest.raises(ConfigError, match="unknown config key.*guidance.scale"):
         distill_cfg(tmp_path / "x", teacher, latents, "guidance.scale=3")
     with pytest.raises(ConfigError, match="teacher: no such directory"):

@@ -65,8 +65,8 @@ from ldm.infer import Pipeline, _ldm_record, load_pipeline, resolve_pipeline_dir
 from ldm.models.lora import LoRAConfig, add_lora, merge_lora, save_lora
 from ldm.models.paths import model_path_problem
 from ldm.models.text import encode_prompts
-from ldm.sampling import (decode_latents, denoise, guidance_embedding, initial_noise, make_scheduler,
-                          seeded_generators)
+from ldm.sampling import (check_guidance_interval, decode_latents, denoise, guidance_embedding, initial_noise,
+                          make_scheduler, seeded_generators)
 from ldm.pipeline import save_pipeline
 from ldm.train.common import (LoopConfig, lr_lambda, make_accelerator, make_optimizer, register_schedule, resume,
                               sample_generators, start_run, uniform)
@@ -87,8 +87,14 @@ class GuidanceConfig:
     w_max: float = 6.0         # usual scale g of uncond + g (cond - uncond) (1: none), as infer.py's --guidance-scale
     embedding_dim: int = 256   # width of the student's guidance-scale embedding (time_cond_proj_dim); 0: none, one
                                # scale distilled in (w_min = w_max; what a LoRA needs, to load onto the teacher)
+    interval: list[float] | None = None  # [lo, hi]: the teacher guides only where the noise level (EDM sigma) of the
+                               # solver's step is in (lo, hi], as the teacher samples with `--guidance-interval`; None: all
 
     def validate(self) -> None:
+        try:
+            check_guidance_interval(self.interval)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"guidance.{str(err).replace('guidance_interval', 'interval')}") from None
         require(0 <= self.w_min <= self.w_max, f"guidance: need 0 <= w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
         require(self.embedding_dim >= 0, f"guidance.embedding_dim must be >= 0, got {self.embedding_dim}")
         require(bool(self.embedding_dim) or self.w_min == self.w_max,
@@ -233,6 +239,11 @@ class DDIMSolver:
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, t)
 
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """EDM's sigma of each t, sqrt((1 - abar) / abar) (`ldm.sampling.noise_level`)."""
+        abar = self.alpha_bar(t, t.double())
+        return ((1 - abar) / abar).sqrt()
+
     def update(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The solver's step from t to s with the teacher's (guided) prediction."""
         return self.step(*self.x0_and_eps(prediction, x_t, t), s)
@@ -280,6 +291,11 @@ class FlowSolver:
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma = self.sigma(t, x0)
         return (1 - sigma) * x0 + sigma * noise
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """EDM's sigma of each t, sigma / (1 - sigma) (`ldm.sampling.noise_level`)."""
+        sigma = t.double() / self.total
+        return sigma / (1 - sigma)
 
     def update(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return x_t + (self.sigma(s, x_t) - self.sigma(t, x_t)) * prediction
@@ -483,7 +499,8 @@ def distill(cfg: DistillConfig) -> Path:
             with accelerator.accumulate(unet):
                 online = solver.consistency(unet(x_t, t, cond, timestep_cond=w_emb).sample, x_t, t)
                 with torch.no_grad():
-                    x_s = teacher_step(teacher_unet, solver, x_t, t, s, cond, empty, w, accelerator)
+                    x_s = teacher_step(teacher_unet, solver, x_t, t, s, cond, empty, guided_scales(solver, t, w, cfg),
+                                       accelerator)
                     with evaluating(raw), accelerator.autocast():
                         pred = target(raw, x_s, solver.model_timestep(s), cond, timestep_cond=w_emb).sample
                     goal = solver.consistency(pred.float(), x_s, s)
@@ -541,6 +558,16 @@ def distill_inputs(cfg: DistillConfig, cache: LatentCache, indices: list[int], g
     low, high = cfg.guidance.w_min, cfg.guidance.w_max
     w = low + (high - low) * uniform(gen)
     return z, cond.to(device, z.dtype), solver.grid[n].to(device), solver.previous[n].to(device), w
+
+
+def guided_scales(solver: Solver, t: torch.Tensor, w: torch.Tensor, cfg: DistillConfig) -> torch.Tensor:
+    """The scale the teacher guides each sample's solver step with: w inside `guidance.interval` (the noise level
+    at t), 1 (its conditional prediction alone) outside, as `ldm.sampling.denoise` samples with an interval."""
+    if cfg.guidance.interval is None:
+        return w
+    lo, hi = cfg.guidance.interval
+    level = solver.noise_level(t).to(w.device)
+    return torch.where((level > lo) & (level <= hi), w, torch.ones_like(w))
 
 
 def teacher_step(teacher_unet, solver: Solver, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
@@ -605,7 +632,7 @@ def export_student(cfg: DistillConfig, unet, teacher: Pipeline, solver: Solver, 
             "teacher": str(cfg.teacher),
             "teacher_prediction_type": teacher.base_scheduler_config.get("prediction_type", "epsilon"),
             "guidance": {"w_min": cfg.guidance.w_min, "w_max": cfg.guidance.w_max,
-                         "embedding_dim": cfg.guidance.embedding_dim,
+                         "embedding_dim": cfg.guidance.embedding_dim, "interval": cfg.guidance.interval,
                          "embedding_of": "guidance_scale - 1 (diffusers' timestep_cond)"},
             **solver.record(), "solver_steps": cfg.consistency.solver_steps,
             "timestep_scaling": cfg.consistency.timestep_scaling if solver.objective == "diffusion" else None,

@@ -382,6 +382,42 @@ def check_guidance_interval(interval) -> tuple[float, float] | None:
     return lo, hi
 
 
+class DiffusersGuidanceInterval:
+    """Guidance in an interval for diffusers' StableDiffusionPipeline, which has no such argument: a
+    `callback_on_step_end` that sets each next step's scale, `scale` inside (lo, hi] and 1 (the conditional pass
+    alone) outside, with the prompt embeddings to match, so that the pipeline samples what `denoise` samples with
+    `guidance_interval` (against the empty prompt, as `generate`'s default). The call's arguments set the first step:
+
+        guide = DiffusersGuidanceInterval(pipe, 6.0, (0.28, 5.42))
+        images = pipe(prompts, num_inference_steps=20, **guide.arguments(20)).images
+    """
+
+    def __init__(self, pipe, scale: float, interval: tuple[float, float]):
+        self.pipe, self.scale, self.interval = pipe, float(scale), check_guidance_interval(interval)
+        self.uncond = None
+
+    def arguments(self, num_steps: int) -> dict:
+        """The pipeline call's keyword arguments: the first step's scale and this callback."""
+        scheduler = self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
+        set_steps(scheduler, num_steps, "cpu")
+        first = in_interval(scheduler, scheduler.timesteps[0], self.interval)
+        return {"guidance_scale": self.scale if first else 1.0, "callback_on_step_end": self,
+                "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
+
+    def __call__(self, pipe, i: int, t, tensors: dict) -> dict:
+        embeds, timesteps = tensors["prompt_embeds"], pipe.scheduler.timesteps
+        cond = embeds.chunk(2)[1] if pipe.do_classifier_free_guidance else embeds
+        if i + 1 >= len(timesteps):
+            return {}
+        if not in_interval(pipe.scheduler, timesteps[i + 1], self.interval):
+            pipe._guidance_scale = 1.0  # diffusers' own recipe for changing guidance mid-run (dynamic CFG)
+            return {"prompt_embeds": cond}
+        if self.uncond is None:  # the empty prompt, as the pipeline encodes it for guidance
+            self.uncond = pipe.encode_prompt("", cond.device, 1, False)[0]
+        pipe._guidance_scale = self.scale
+        return {"prompt_embeds": torch.cat([self.uncond.expand(len(cond), -1, -1).to(cond.dtype), cond])}
+
+
 def guidance_embedding_dim(unet) -> int | None:
     """The width of a U-Net's guidance-scale embedding (diffusers' time_cond_proj_dim), None when it has none."""
     return getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)

@@ -22,8 +22,8 @@ from ldm.diffusion import (NoiseConfig, TrainNoiseConfig, fill_schedule, flow_in
 from ldm.infer import Pipeline, generate, load_pipeline
 from ldm.losses import diffusion_loss
 from ldm.models.presets import unet_config, vae_config
-from ldm.sampling import (FLOW_SCHEDULERS, Inpainting, add_noise, denoise, make_scheduler, predicted_x0, samplers_for,
-                          seeded_generators)
+from ldm.sampling import (FLOW_SCHEDULERS, DiffusersGuidanceInterval, Inpainting, add_noise, denoise, make_scheduler,
+                          noise_level, predicted_x0, samplers_for, seeded_generators)
 from ldm.train.encode import EncodeConfig, encode_dataset
 from ldm.train.ldm import LDMTrainConfig, train_ldm
 
@@ -292,6 +292,30 @@ def test_diffusers_stable_diffusion_pipeline_samples_the_export_as_infer_does(ru
     theirs.scheduler = make_scheduler("flow-euler", pipe.base_scheduler_config)
     with pytest.raises(AttributeError, match="init_noise_sigma"):
         theirs(PROMPTS, num_inference_steps=2, output_type="np")
+
+
+@pytest.mark.parametrize("guided", [[1, 2], [0, 1, 2], [1]])
+def test_diffusers_samples_a_guidance_interval_through_its_step_callback(run, guided):
+    """DiffusersGuidanceInterval gives StableDiffusionPipeline the interval it has no argument for: its images are
+    ours with guidance_interval, whichever of the 4 steps the interval holds (the first one included)."""
+    pipe = load_pipeline(run["pipeline"], device="cpu", dtype="float32")
+    theirs = StableDiffusionPipeline.from_pretrained(run["pipeline"], local_files_only=True, safety_checker=None,
+                                                     requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    scheduler = make_scheduler(pipe.default_scheduler, pipe.base_scheduler_config)
+    scheduler.set_timesteps(4)
+    levels = [noise_level(scheduler, t) for t in scheduler.timesteps] + [0.0]  # falling
+    lo = (levels[guided[-1]] + levels[guided[-1] + 1]) / 2
+    hi = float("inf") if guided[0] == 0 else (levels[guided[0] - 1] + levels[guided[0]]) / 2
+    guide = DiffusersGuidanceInterval(theirs, 3.0, (lo, hi))
+    images = theirs(PROMPTS, generator=seeded_generators([0, 1]), num_inference_steps=4, output_type="np",
+                    **guide.arguments(4)).images
+    ours = _arrays(generate(pipe, PROMPTS, seeds=[0, 1], steps=4, guidance_scale=3.0, guidance_interval=(lo, hi),
+                            progress=False))
+    every_step = _arrays(generate(pipe, PROMPTS, seeds=[0, 1], steps=4, guidance_scale=3.0,
+                                  guidance_interval=(0, float("inf")), progress=False))
+    assert np.abs(ours - images).max() <= 1e-5
+    assert np.abs(ours - every_step).max() > 1e-3
 
 
 def test_the_single_file_export_of_a_flow_model_samples_the_same(run, tmp_path):

@@ -181,7 +181,7 @@ def test_the_export_samples_in_plain_diffusers_with_lcm_scheduler_at_1_2_and_4_s
     assert pipe.scheduler.config.original_inference_steps == 10 and pipe.scheduler.config.timestep_scaling == 10.0
     assert pipe.unet.config.time_cond_proj_dim == 16
     info = json.loads((pipeline / "ldm.json").read_text())
-    assert info["consistency"]["guidance"] == {"w_min": 2.0, "w_max": 5.0, "embedding_dim": 16,
+    assert info["consistency"]["guidance"] == {"w_min": 2.0, "w_max": 5.0, "embedding_dim": 16, "interval": None,
                                                "embedding_of": "guidance_scale - 1 (diffusers' timestep_cond)"}
     assert info["consistency"]["skip"] == 100 and info["sampling"] == {"scheduler": "lcm", "steps": 4, "guidance_scale": 3.5}
     ours = load_pipeline(full, device="cpu", dtype="float32")  # the run dir resolves to its pipeline

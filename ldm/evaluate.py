@@ -213,7 +213,8 @@ def evaluate_pipeline(pipe: Pipeline, data: DataConfig, features: str, n: int = 
     figures = quality(images)
     record = {"pipeline": pipe.path, "data": data.source.path, "features": figures["features"], "n": figures["n"],
               "offset": offset,
-              "sampling": {k: v for k, v in results[0].items() if k in ("scheduler", "steps", "guidance_scale", "guidance_interval", "width", "height")},
+              "sampling": {k: v for k, v in results[0].items()
+                           if k in ("scheduler", "steps", "guidance_scale", "guidance_interval", "width", "height")},
               "seed": seed, "split": plan_split(data).record(), "quality": figures}
     print(f"quality: {summary_line(figures)}")
     if other is not None:

@@ -321,7 +321,8 @@ def generate(pipe: Pipeline, prompts: list[str] | str, *, negative_prompts: list
     strength = strength if strength is not None else 0.8 if mode == "img2img" else 1.0
     _check_request(pipe, prompts, negative_prompts, seeds, width, height, strength, images)
     settings = dict(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                    guidance_interval=guidance_interval, eta=eta, width=width, height=height, mode=mode, strength=strength if images is not None else None)
+                    guidance_interval=guidance_interval, eta=eta, width=width, height=height, mode=mode,
+                    strength=strength if images is not None else None)
     wanted = [class_labels] * len(prompts) if isinstance(class_labels, str) else class_labels
     conditioning = class_conditioning(pipe, wanted, len(prompts), classifier, classifier_scale)
     if wanted is not None:
@@ -412,7 +413,8 @@ def _generate_batch(pipe: Pipeline, prompts, negative_prompts, seeds, images: _I
     inpaint = _inpainting(pipe, images, generators, latent_shape)                  # then the masked image
     snapshots = []  # (i, t, x_t, predicted x0) after every step
     latents = denoise(pipe.unet, scheduler, cond, uncond, noise, num_steps=s["steps"], guidance_scale=s["guidance_scale"],
-                      guidance_rescale=s["guidance_rescale"], guidance_interval=s["guidance_interval"], generator=generators, eta=s["eta"],
+                      guidance_rescale=s["guidance_rescale"], guidance_interval=s["guidance_interval"],
+                      generator=generators, eta=s["eta"],
                       image_latents=image_latents, strength=s["strength"] or 1.0, inpaint=inpaint,
                       callback=(lambda *snapshot: snapshots.append(snapshot)) if trajectory_every else None,
                       **(classes or {}))

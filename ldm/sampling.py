@@ -353,16 +353,20 @@ def predicted_x0(scheduler, model_input: torch.Tensor, prediction: torch.Tensor,
     return prediction
 
 
-def noise_level(scheduler, t) -> float:
+def noise_level(scheduler, t):
     """The noise level of timestep t as EDM's sigma (Karras et al. 2022): x_t / alpha_t = x0 + sigma eps, so
     sigma = sqrt((1 - abar) / abar) on the DDPM process and sigma_t / (1 - sigma_t) on a flow (inf at pure noise:
     a flow's t = 1, a zero-terminal-SNR schedule's last timestep).
-    One scale for every objective and sampler, the one guidance intervals are given in."""
+    One scale for every objective and sampler, the one guidance intervals are given in. A float for one
+    timestep, a float64 tensor for a tensor of them."""
+    times = torch.as_tensor(t, dtype=torch.float64).cpu()
     if is_flow(scheduler):
-        s = float(t) / scheduler.config.num_train_timesteps
-        return s / (1 - s) if s < 1 else float("inf")
-    abar = float(scheduler.alphas_cumprod[int(round(float(t)))])
-    return ((1 - abar) / abar) ** 0.5 if abar > 0 else float("inf")  # zero terminal SNR: pure noise
+        s = times / scheduler.config.num_train_timesteps
+        level = s / (1 - s)
+    else:
+        abar = scheduler.alphas_cumprod.double().cpu()[times.round().long()]
+        level = ((1 - abar) / abar).sqrt()
+    return level.item() if level.ndim == 0 else level
 
 
 def in_interval(scheduler, t, interval: tuple[float, float] | None) -> bool:
@@ -370,15 +374,16 @@ def in_interval(scheduler, t, interval: tuple[float, float] | None) -> bool:
     return interval is None or interval[0] < noise_level(scheduler, t) <= interval[1]
 
 
-def check_guidance_interval(interval) -> tuple[float, float] | None:
-    """A (lo, hi) pair of EDM noise levels with 0 <= lo < hi (hi may be inf), or None; anything else is an error."""
+def check_guidance_interval(interval, name: str = "guidance_interval") -> tuple[float, float] | None:
+    """A (lo, hi) pair of EDM noise levels with 0 <= lo < hi (hi may be inf), or None; anything else is an error
+    naming `name`."""
     if interval is None:
         return None
     if isinstance(interval, (str, bytes)) or len(interval) != 2:
-        raise ValueError(f"guidance_interval: need two noise levels (lo, hi), got {interval!r}")
+        raise ValueError(f"{name}: need two noise levels (lo, hi), got {interval!r}")
     lo, hi = (float(v) for v in interval)
     if not 0 <= lo < hi:
-        raise ValueError(f"guidance_interval: need 0 <= lo < hi (EDM noise levels), got ({lo}, {hi})")
+        raise ValueError(f"{name}: need 0 <= lo < hi (EDM noise levels), got ({lo}, {hi})")
     return lo, hi
 
 
@@ -520,19 +525,19 @@ def denoise(
                                   "its output is a jump to x0, not a score; guide the model it was distilled from")
         if problem:
             raise ValueError(problem)
-    # outside the guidance interval a step runs the conditional half of the batch alone
+    # the U-Net's other inputs with guidance on, and (outside the guidance interval) for the conditional half alone
     n = x.shape[0]
-    cond_only = {"embeddings": cond, "channels": [c[-n:] for c in inpaint_channels],
-                 "labels": {k: v[-n:] for k, v in labels.items()}}
+    inputs = {True: (embeddings, inpaint_channels, labels),
+              False: (cond, [c[-n:] for c in inpaint_channels], {k: v[-n:] for k, v in labels.items()})}
     for i, t in enumerate(timesteps):
         guide = guided and in_interval(scheduler, t, guidance_interval)
+        step_embeddings, channels, step_labels = inputs[guide]
         model_in = _scale_model_input(scheduler, torch.cat([x] * 2) if guide else x, t)
         scaled = model_in[-n:]
-        channels = inpaint_channels if guide else cond_only["channels"]
         if channels:
             model_in = torch.cat([model_in, *channels], dim=1)
-        pred = unet(model_in, t, encoder_hidden_states=embeddings if guide else cond_only["embeddings"],
-                    return_dict=False, **(labels if guide else cond_only["labels"]), **unet_kwargs)[0]
+        pred = unet(model_in, t, encoder_hidden_states=step_embeddings, return_dict=False, **step_labels,
+                    **unet_kwargs)[0]
         if guide:
             pred_uncond, pred_text = pred.chunk(2)
             pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)

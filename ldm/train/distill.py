@@ -66,7 +66,7 @@ from ldm.models.lora import LoRAConfig, add_lora, merge_lora, save_lora
 from ldm.models.paths import model_path_problem
 from ldm.models.text import encode_prompts
 from ldm.sampling import (check_guidance_interval, decode_latents, denoise, guidance_embedding, initial_noise,
-                          make_scheduler, seeded_generators)
+                          make_scheduler, noise_level, seeded_generators)
 from ldm.pipeline import save_pipeline
 from ldm.train.common import (LoopConfig, lr_lambda, make_accelerator, make_optimizer, register_schedule, resume,
                               sample_generators, start_run, uniform)
@@ -92,9 +92,9 @@ class GuidanceConfig:
 
     def validate(self) -> None:
         try:
-            check_guidance_interval(self.interval)
+            check_guidance_interval(self.interval, "interval")
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"guidance.{str(err).replace('guidance_interval', 'interval')}") from None
+            raise ConfigError(str(err)) from None  # validate() names the section
         require(0 <= self.w_min <= self.w_max, f"guidance: need 0 <= w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
         require(self.embedding_dim >= 0, f"guidance.embedding_dim must be >= 0, got {self.embedding_dim}")
         require(bool(self.embedding_dim) or self.w_min == self.w_max,
@@ -240,9 +240,8 @@ class DDIMSolver:
         return self.scheduler.add_noise(x0, noise, t)
 
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
-        """EDM's sigma of each t, sqrt((1 - abar) / abar) (`ldm.sampling.noise_level`)."""
-        abar = self.alpha_bar(t, t.double())
-        return ((1 - abar) / abar).sqrt()
+        """EDM's sigma of each grid timestep t, as the sampler measures it (`ldm.sampling.noise_level`)."""
+        return noise_level(self.scheduler, t)
 
     def update(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The solver's step from t to s with the teacher's (guided) prediction."""
@@ -284,6 +283,7 @@ class FlowSolver:
         self.shift = float(schedule.get("shift", schedule.get("flow_shift", 1.0)))
         sigmas = shift_times(torch.arange(steps + 1, dtype=torch.float64) / steps, self.shift) * self.total
         self.grid, self.previous = sigmas[1:].float(), sigmas[:-1].float()
+        self.reference = make_scheduler(self.sampler, schedule)  # read, never stepped: sampling_scheduler() steps
 
     def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return (t.double() / self.total).to(like.device, like.dtype).view(-1, *[1] * (like.ndim - 1))
@@ -293,9 +293,8 @@ class FlowSolver:
         return (1 - sigma) * x0 + sigma * noise
 
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
-        """EDM's sigma of each t, sigma / (1 - sigma) (`ldm.sampling.noise_level`)."""
-        sigma = t.double() / self.total
-        return sigma / (1 - sigma)
+        """EDM's sigma of each grid timestep t, as the sampler measures it (`ldm.sampling.noise_level`)."""
+        return noise_level(self.reference, t)
 
     def update(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return x_t + (self.sigma(s, x_t) - self.sigma(t, x_t)) * prediction

@@ -83,7 +83,7 @@ class ValidationConfig:
         try:
             check_guidance_interval(self.guidance_interval)
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"validation.{err}") from None
+            raise ConfigError(str(err)) from None  # validate() names the section
         check_spec("validation.features", self.features)
 
 

@@ -88,8 +88,9 @@ def full(vae_dir, cache_dir, tmp_path_factory):
                   "train.max_grad_norm=0.5", "train.lr=1e-3", "train.warmup_steps=2", "train.lr_schedule=cosine",
                   "train.steps=4", "train.eval_every=2", "train.save_every=1", "train.checkpoints_total_limit=2",
                   "caption_dropout=0.2", "sample_scheduler=ddim", "validation.scheduler=euler",
-                  "validation.steps=6", "validation.guidance_scale=3", "validation.guidance_interval=[0.5, 5.0]", vae=vae_dir)
-    seen: dict = {"clips": 0}
+                  "validation.steps=6", "validation.guidance_scale=3", "validation.guidance_interval=[0.5, 5.0]",
+                  "model.addition_embed_type=text", "model.addition_embed_type_num_heads=4", vae=vae_dir)
+    seen: dict = {"clips": 0, "norms": []}
     clip = Accelerator.clip_grad_norm_
 
     def spy(make, key):
@@ -100,7 +101,8 @@ def full(vae_dir, cache_dir, tmp_path_factory):
 
     def counting_clip(self, *args, **kwargs):
         seen["clips"] += 1
-        return clip(self, *args, **kwargs)
+        seen["norms"].append(norm := clip(self, *args, **kwargs))
+        return norm
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(stage3, "make_ema", spy(stage3.make_ema, "ema"))
@@ -122,6 +124,10 @@ def test_export_loads_in_diffusers_with_the_training_schedule(full):
     assert info["noise"]["snr_gamma"] == 5.0 and info["noise"]["noise_offset"] == pytest.approx(0.1)
     assert info["training_scheduler"]["rescale_betas_zero_snr"] is True and info["latent_size"] == [8, 8]
     assert pipe.unet.config.sample_size == 8 and pipe.unet.config.cross_attention_dim == 64
+    # the pooled caption (model.addition_embed_type) is in the export, trained, and plain diffusers runs it
+    assert pipe.unet.config.addition_embed_type == "text" and pipe.unet.add_embedding.pool.num_heads == 4
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert image.shape[1:] == (32, 32, 3) and np.isfinite(image).all()
 
 
 def test_the_export_recommends_the_validations_sampling_and_generate_takes_it(full):
@@ -135,6 +141,14 @@ def test_the_export_recommends_the_validations_sampling_and_generate_takes_it(fu
     every_step = generate(pipe, prompt, guidance_interval=(0, float("inf")), progress=False)[0]
     np.testing.assert_array_equal(default["array"], explicit["array"])
     assert np.abs(default["array"] - every_step["array"]).max() > 0
+
+
+def test_pooling_heads_that_do_not_divide_the_text_width_are_refused(cache_dir, vae_dir, tmp_path):
+    cfg = ldm_cfg(tmp_path, cache_dir, "model.addition_embed_type=text", "model.addition_embed_type_num_heads=5", vae=vae_dir)
+    with pytest.raises(ConfigError, match="addition_embed_type_num_heads=5 must divide the text encoder's width 64"):
+        train_ldm(cfg)
+    with pytest.raises(ConfigError, match="only 'text'"):
+        ldm_cfg(tmp_path, cache_dir, "model.addition_embed_type=text_time", vae=vae_dir)
 
 
 def test_a_bad_guidance_interval_is_a_config_error(cache_dir, tmp_path):
@@ -158,6 +172,8 @@ def test_accumulation_clipping_and_the_lr_schedule_count_optimiser_steps(full):
     steps = {float(s["step"]) for s in full["optimizer"].state.values()}
     assert steps == {4.0}  # 4 optimiser steps of 2 micro-batches each, not 8
     assert full["clips"] == 4  # clipped once per optimiser step, when the gradients are complete
+    norms = [m["grad_norm"] for m in metrics(full["out"]) if "grad_norm" in m]  # each step's, before clipping
+    assert norms == pytest.approx([n.item() for n in full["norms"]]) and all(n > 0 for n in norms)
     logged = {m["step"]: m["lr"] for m in metrics(full["out"]) if "lr" in m}
     factor = lr_lambda(cfg.train)
     assert logged == {k: pytest.approx(cfg.train.lr * factor(k - 1)) for k in (1, 2, 3, 4)}

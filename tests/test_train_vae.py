@@ -121,6 +121,7 @@ def test_eval_metrics_grids_and_checkpoints_are_written(run):
         with Image.open(out / grid) as image:
             assert image.width > 8 * 16 and image.height >= 2 * 16  # 8 (real, recon) pairs per row
     assert any("eval/psnr" in line and line["step"] == 2 for line in run["lines"])
+    assert all(line["grad_norm"] > 0 for line in run["lines"] if "rec" in line)  # before clipping (max_grad_norm)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
     assert json.loads((out / "checkpoints" / "step-3" / "ldm_state.json").read_text())["step"] == 3
 

@@ -18,7 +18,8 @@ from ldm.models.presets import UNET_PRESETS, unet_config
 from ldm.models.paths import directory_only, model_path_problem
 
 ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "attention_head_dim", "down_block_types",
-                     "up_block_types", "transformer_layers_per_block", "norm_num_groups", "only_cross_attention")
+                     "up_block_types", "transformer_layers_per_block", "norm_num_groups", "only_cross_attention",
+                     "addition_embed_type", "addition_embed_type_num_heads")
 
 
 @dataclasses.dataclass
@@ -36,6 +37,10 @@ class UNetModelConfig:
     norm_num_groups: int | None = None           # GroupNorm groups; must divide every width
     only_cross_attention: list[bool] | None = None  # per down block (the up blocks mirror it): True makes that
                                                     # level's attention cross-attention only, no self-attention
+    addition_embed_type: str | None = None       # "text": the caption, attention-pooled, is added to the timestep's
+                                                 # embedding (DeepFloyd IF's global text conditioning), beside the
+                                                 # cross-attention; diffusers computes it from the same text states
+    addition_embed_type_num_heads: int | None = None  # the pooling's heads (must divide the text width; diffusers: 64)
 
     def validate(self) -> None:
         if self.pretrained:
@@ -50,6 +55,9 @@ class UNetModelConfig:
             groups = self.norm_num_groups or UNET_PRESETS[self.preset]["norm_num_groups"]
             require(all(w % groups == 0 for w in widths),
                     f"model.norm_num_groups={groups} must divide every width of model.block_out_channels={list(widths)}")
+            require(self.addition_embed_type in (None, "text"),
+                    f"model.addition_embed_type {self.addition_embed_type!r}: only 'text' (a pooled caption added to "
+                    f"the timestep embedding) needs no inputs beyond the text states")
 
 
 def build_unet(cfg: UNetModelConfig, latent_channels: int, sample_size: int | tuple[int, int],
@@ -63,6 +71,10 @@ def build_unet(cfg: UNetModelConfig, latent_channels: int, sample_size: int | tu
         unet.register_to_config(sample_size=sample_size)  # the training size, whatever the original's was
         return unet
     overrides = {k: (tuple(v) if isinstance(v, list) else v) for k in ARCHITECTURE_KEYS if (v := getattr(cfg, k)) is not None}
+    if cfg.addition_embed_type:
+        heads = cfg.addition_embed_type_num_heads or 64  # UNet2DConditionModel's default
+        require(cross_attention_dim % heads == 0, f"model.addition_embed_type_num_heads={heads} must divide the text "
+                f"encoder's width {cross_attention_dim}")
     overrides.update(in_channels=latent_channels, out_channels=latent_channels, sample_size=sample_size,
                      cross_attention_dim=cross_attention_dim, num_class_embeds=num_class_embeds)
     return UNet2DConditionModel(**unet_config(cfg.preset, **overrides))

@@ -320,7 +320,8 @@ def train_ldm(cfg: LDMTrainConfig) -> Path:
         loss = unet_step(step, batches)
         lr = lr_sched.get_last_lr()[0]  # the rate this step used
         lr_sched.step()  # important: once per optimiser step, not per micro-batch, or warm-up ends grad_accum x early
-        return {"loss": loss, "lr": lr}
+        norm = {} if unet_step.grad_norm is None else {"grad_norm": unet_step.grad_norm}
+        return {"loss": loss, "lr": lr, **norm}
 
     def evaluate(step: int) -> None:
         with swapped_ema(ema, trainable):
@@ -439,7 +440,8 @@ def class_labels(labels: torch.Tensor, null: int, dropout: float, gen: list[torc
 @dataclasses.dataclass(kw_only=True)
 class UNetStep:
     """One optimiser step of stage 3: `grad_accum` micro-batches of the U-Net's loss, then the EMA.
-    The trainer's step, and the one bench/bench_train.py times. The fields stay fixed over a run."""
+    The trainer's step, and the one bench/bench_train.py times. The fields stay fixed over a run, but
+    `grad_norm`: the last optimiser step's gradient norm before clipping (train.max_grad_norm)."""
 
     cfg: LDMTrainConfig
     accelerator: Accelerator
@@ -456,6 +458,7 @@ class UNetStep:
     ema: EMAModel | None = None
     labels: torch.Tensor | None = None  # class-conditional: the label of every cache record (ldm.data.labels)
     classes: list[str] | None = None    # their names; the null class is len(classes)
+    grad_norm: torch.Tensor | None = None
 
     def __call__(self, step: int, batches: Iterator[list[int]]) -> torch.Tensor:
         """Take optimiser step `step` on the next micro-batches of `batches`; the mean loss (0-d tensor)."""
@@ -485,7 +488,7 @@ class UNetStep:
             if self.guard.ok(loss):
                 accelerator.backward(loss)  # divided by grad_accum by accelerate
                 if accelerator.sync_gradients and loop.max_grad_norm:
-                    accelerator.clip_grad_norm_(self.trainable, loop.max_grad_norm)
+                    self.grad_norm = accelerator.clip_grad_norm_(self.trainable, loop.max_grad_norm)
                 self.optimizer.step()  # a no-op until the last micro-batch of the step
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()

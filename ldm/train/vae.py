@@ -145,8 +145,8 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
                 g_loss, logs = loss_fn.generator_loss(x, recon, posterior, step, last_layer)
                 if guard.ok(g_loss):
                     accelerator.backward(g_loss)
-                    if accelerator.sync_gradients and loop.max_grad_norm:
-                        accelerator.clip_grad_norm_(ae.parameters(), loop.max_grad_norm)
+                    if accelerator.sync_gradients and loop.max_grad_norm:  # the norm before clipping
+                        logs["grad_norm"] = accelerator.clip_grad_norm_(ae.parameters(), loop.max_grad_norm)
                     opt_ae.step()  # a no-op until the last micro-batch of the step
                 opt_ae.zero_grad(set_to_none=True)
                 # discriminator step on detached reconstructions: never reaches the autoencoder

@@ -39,7 +39,7 @@ METRICS_IGNORED = ("step", "time", "skipped")  # bookkeeping, not curves
 IGNORED_SUFFIXES = ("/n", "/candidates")       # the size of an evaluation, not a curve
 INTERVAL_SUFFIXES = ("_lo", "_hi")              # a bootstrap interval: a band around its figure
 REFERENCE_SUFFIXES = ("_floor", "_ceiling", "_chance")  # what to read a figure against: a dashed line beside it
-MAX_CURVE_PANELS = 12
+MAX_CURVE_PANELS = 18  # a VAE with its discriminator and rFID logs 16 figures
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -164,6 +164,15 @@ def test_metric_panels_group_losses_and_drop_bookkeeping(tmp_path):
     assert metric_panels(records, ["final/psnr"]) == {"final/psnr": ["final/psnr"]}
 
 
+def test_every_figure_a_gan_vae_logs_draws_without_choosing_keys():
+    train = ["lr", "disc_lr", "rec", "nll", "kl", "logvar", "g_loss", "d_weight", "d_loss", "logits_real",
+             "logits_fake", "grad_norm"]
+    evals = ["eval/psnr", "eval/ssim", "eval/mse", "eval/rfid", "eval/rkid"]
+    records = [{"step": s, **{k: 1.0 / s for k in train}} for s in (1, 2, 3)] + [{"step": 3, **{k: 0.5 for k in evals}}]
+    fig = curves_figure({"vae": records})
+    assert len([ax for ax in fig.axes if ax.has_data()]) == len(metric_panels(records)) == 16
+
+
 def test_smooth_is_centred_and_follows_a_trend_to_the_ends():
     np.testing.assert_allclose(smooth(np.full(10, 3.0), 0.9), 3.0)   # no pull towards 0 at either end
     stepped = smooth(np.r_[np.zeros(50), np.ones(200)], 0.9)

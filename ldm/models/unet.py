@@ -9,6 +9,7 @@ Diffusion diffusers directory or of our own pipeline directory (or a bare U-Net 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 
 from diffusers import UNet2DConditionModel
@@ -72,7 +73,8 @@ def build_unet(cfg: UNetModelConfig, latent_channels: int, sample_size: int | tu
         return unet
     overrides = {k: (tuple(v) if isinstance(v, list) else v) for k in ARCHITECTURE_KEYS if (v := getattr(cfg, k)) is not None}
     if cfg.addition_embed_type:
-        heads = cfg.addition_embed_type_num_heads or 64  # UNet2DConditionModel's default
+        heads = cfg.addition_embed_type_num_heads or inspect.signature(UNet2DConditionModel).parameters[
+            "addition_embed_type_num_heads"].default
         require(cross_attention_dim % heads == 0, f"model.addition_embed_type_num_heads={heads} must divide the text "
                 f"encoder's width {cross_attention_dim}")
     overrides.update(in_channels=latent_channels, out_channels=latent_channels, sample_size=sample_size,

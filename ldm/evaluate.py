@@ -215,8 +215,11 @@ def evaluate_pipeline(pipe: Pipeline, data: DataConfig, features: str, n: int = 
               "offset": offset,
               "sampling": {k: v for k, v in results[0].items()
                            if k in ("scheduler", "steps", "guidance_scale", "guidance_interval", "width", "height")},
-              "seed": seed, "split": plan_split(data).record(), "quality": figures}
+              "seed": seed, "split": plan_split(data).record(), "quality": figures,
+              "items": quality.item_ranks(images)}
     print(f"quality: {summary_line(figures)}")
+    if record["items"]:
+        print(f"quality: {misses_line(record['items'])} (per caption: \"items\" in eval.json)")
     if other is not None:
         record["compared_with"] = {"path": str(compare), "quality": other.get("quality", {})}
         print(format_comparison(figures, other.get("quality", {}), str(compare)))
@@ -226,6 +229,14 @@ def evaluate_pipeline(pipe: Pipeline, data: DataConfig, features: str, n: int = 
         (out_dir / "eval.json").write_text(json.dumps(record, indent=2))
         pairs_grid(held_out, images).save(out_dir / "heldout-vs-generated.png")
     return record
+
+
+def misses_line(items: list[dict]) -> str:
+    """How the top-1 misses split: captions found for the real image but not the generated one, and back."""
+    lost = sum(1 for i in items if i["real_rank"] == 1 < i["rank"])
+    gained = sum(1 for i in items if i["rank"] == 1 < i["real_rank"])
+    return (f"top-1 misses: {lost} of the {len(items)} captions found for the real image are not for the generated "
+            f"one; {gained} found for the generated image are not for the real one")
 
 
 def pairs_grid(real: torch.Tensor, generated: torch.Tensor, count: int = 32, nrow: int = 8):

@@ -175,10 +175,11 @@ class QualityEval:
         self.fixed.update({_suffixed(k, "floor"): v for k, v in floor.items()})
         if not self.note:
             self.text_f = network.text(self.captions).cpu()
-            ceiling = self._retrieval(self.real_f)
-            self.fixed.update({_suffixed(k, "ceiling"): v for k, v in ceiling.items() if k != "candidates"})
-            self.fixed.update({f"{k}_chance": v for k, v in chance_figures(ceiling["candidates"]).items()})
-            self.fixed["candidates"] = ceiling["candidates"]
+            self.real_ranks = self._ranks(self.real_f)
+            candidates = len(set(self.captions))  # distinct texts: a caption shared word for word is one candidate
+            self.fixed.update({_suffixed(k, "ceiling"): v for k, v in self._retrieval(self.real_ranks).items()})
+            self.fixed.update({f"{k}_chance": v for k, v in chance_figures(candidates).items()})
+            self.fixed["candidates"] = candidates
 
     @property
     def prompts(self) -> list[str]:
@@ -200,10 +201,21 @@ class QualityEval:
         figures = statistic(torch.arange(len(real_f)))
         return _with_intervals(figures, bootstrap_interval(statistic, len(real_f), self.resamples, self.seed, center=figures))
 
-    def _retrieval(self, image_f: torch.Tensor) -> dict[str, float]:
-        ranks, candidates = caption_ranks(image_f, self.text_f, self.captions)
+    def _ranks(self, image_f: torch.Tensor) -> torch.Tensor:
+        return caption_ranks(image_f, self.text_f, self.captions)[0]
+
+    def _retrieval(self, ranks: torch.Tensor) -> dict[str, float]:
         intervals = bootstrap_interval(lambda idx: retrieval_figures(ranks[idx]), len(ranks), self.resamples, self.seed)
-        return {**_with_intervals(retrieval_figures(ranks), intervals), "candidates": candidates}
+        return _with_intervals(retrieval_figures(ranks), intervals)
+
+    def item_ranks(self, generated: torch.Tensor) -> list[dict]:
+        """Per image: its prompt, the rank of that prompt for the generated image and for the real held-out
+        one (1 = found): the misses to look at behind top-1. Empty when retrieval is skipped."""
+        if self.note:
+            return []
+        ranks = self._ranks(extract_features(generated, self.network.image))
+        return [{"caption": c, "rank": int(r), "real_rank": int(rr)}
+                for c, r, rr in zip(self.captions, ranks.tolist(), self.real_ranks.tolist())]
 
     def __call__(self, generated: torch.Tensor) -> dict:
         """The figures of `generated` ((N, 3, H, W) in [-1, 1], image i from prompt i and seed i)."""
@@ -212,7 +224,7 @@ class QualityEval:
         fake_f = extract_features(generated, self.network.image)
         figures = self._distances(self.real_f, fake_f)
         if not self.note:
-            figures.update({k: v for k, v in self._retrieval(fake_f).items() if k != "candidates"})
+            figures.update(self._retrieval(self._ranks(fake_f)))
         else:
             figures["retrieval_skipped"] = self.note
         return {**figures, **self.fixed}

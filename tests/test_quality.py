@@ -55,6 +55,12 @@ def test_identical_images_reach_the_floor_and_ceiling_and_noise_does_not(clip_di
     assert same["top1_chance"] == pytest.approx(1 / same["candidates"]) and same["candidates"] <= 32
     assert noise["features"] == network.identity and noise["n"] == 32
     assert quality(held_out) == same  # fixed seeds and resamples: the same images give the same figures
+    items = quality.item_ranks(held_out)  # per caption: the real images' own ranks, twice
+    assert [i["caption"] for i in items] == captions and all(i["rank"] == i["real_rank"] >= 1 for i in items)
+    assert sum(i["rank"] == 1 for i in items) / 32 == same["top1"]
+    noisy = quality.item_ranks(torch.flip(held_out, [0]))  # each image under another's caption
+    assert [i["real_rank"] for i in noisy] == [i["real_rank"] for i in items]
+    assert sum(i["rank"] for i in noisy) > sum(i["rank"] for i in items)
 
 
 def test_without_a_text_tower_or_captions_retrieval_is_skipped_and_fid_still_runs(clip_dir, shapes_sets):
@@ -64,6 +70,7 @@ def test_without_a_text_tower_or_captions_retrieval_is_skipped_and_fid_still_run
     image_only = QualityEval(FeatureNetwork("test:net@0", clip.image), held_out, captions, reference, 10, log=notes.append)
     figures = image_only(held_out)
     assert "fid" in figures and "top1" not in figures and "no text tower" in figures["retrieval_skipped"]
+    assert image_only.item_ranks(held_out) == []
     uncaptioned = QualityEval(clip, held_out, [""] * 31 + ["x"], reference, 10, log=notes.append)
     assert "31 of the 32 held-out images have no caption" in uncaptioned(held_out)["retrieval_skipped"]
     assert len(notes) == 2 and all(n.startswith("quality: caption retrieval skipped") for n in notes)
@@ -164,6 +171,9 @@ def test_evaluate_cli_on_a_folder_and_compare(ldm_run, tmp_path, capsys):
     assert first["n"] == 4 and first["features"].startswith("clip:")  # the CLIP the pipeline was trained with
     assert first["split"]["eval_size"] == 4 and first["split"]["count"] == 4  # held out by key hash
     assert {"fid", "fid_floor", "kid", "top1", "top1_ceiling", "mean_rank_chance"} <= set(first["quality"])
+    assert len(first["items"]) == 4 and sum(i["rank"] == 1 for i in first["items"]) / 4 == first["quality"]["top1"]
+    assert sum(i["real_rank"] == 1 for i in first["items"]) / 4 == first["quality"]["top1_ceiling"]
+    assert "top-1 misses:" in capsys.readouterr().out
     with Image.open(tmp_path / "a" / "heldout-vs-generated.png") as grid:  # 4 held-out above their 4 generated
         assert grid.size == (8 * 18 + 2, 2 * 18 + 2)
     main([*args, "--out", str(tmp_path / "b"), "--compare", str(tmp_path / "a" / "eval.json")])
@@ -180,7 +190,7 @@ def test_evaluate_cli_on_a_folder_and_compare(ldm_run, tmp_path, capsys):
     bare = _folder(tmp_path / "bare", 12, captions=False)
     main([str(ldm_run), "--data", str(bare), "--n", "4", "--steps", "2", "--bootstrap", "0", "--out", str(tmp_path / "d")])
     record = json.loads((tmp_path / "d" / "eval.json").read_text())
-    assert "fid" in record["quality"] and "top1" not in record["quality"]
+    assert "fid" in record["quality"] and "top1" not in record["quality"] and record["items"] == []
     assert "have no caption" in record["quality"]["retrieval_skipped"]
     assert "caption retrieval skipped" in capsys.readouterr().out
 

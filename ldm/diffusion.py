@@ -194,8 +194,13 @@ def scheduler_config(cfg: NoiseConfig) -> dict:
 
 def make_train_scheduler(cfg: NoiseConfig) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
     """The forward process as a diffusers scheduler (flow: the sampler of that name, which holds the schedule)."""
-    cls = FlowMatchEulerDiscreteScheduler if cfg.objective == "flow" else DDPMScheduler
-    return cls.from_config(scheduler_config(cfg))
+    config = scheduler_config(cfg)
+    if cfg.objective != "flow":
+        return DDPMScheduler.from_config(config)
+    marker = config.pop("prediction_type")  # not an argument of the FlowMatch class: registered, not passed (and logged)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    scheduler.register_to_config(prediction_type=marker)
+    return scheduler
 
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:

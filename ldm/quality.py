@@ -175,8 +175,7 @@ class QualityEval:
         self.fixed.update({_suffixed(k, "floor"): v for k, v in floor.items()})
         if not self.note:
             self.text_f = network.text(self.captions).cpu()
-            self.real_ranks = self._ranks(self.real_f)
-            candidates = len(set(self.captions))  # distinct texts: a caption shared word for word is one candidate
+            self.real_ranks, candidates = caption_ranks(self.real_f, self.text_f, self.captions)
             self.fixed.update({_suffixed(k, "ceiling"): v for k, v in self._retrieval(self.real_ranks).items()})
             self.fixed.update({f"{k}_chance": v for k, v in chance_figures(candidates).items()})
             self.fixed["candidates"] = candidates

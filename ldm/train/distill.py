@@ -12,7 +12,8 @@ Each sample of a batch (the paper's Algorithm 1, with its sec. 4.2 guidance and 
     t        one of the solver's grid t = k - 1, 2k - 1, ..., T - 1 (N = T / k steps), uniformly
     x_t      the cached latent noised to t;  w ~ U[w_min, w_max], a classifier-free guidance scale
     online   f(x_t, t, w, c)  = c_skip(t) x_t + c_out(t) x0_student(x_t, t, w, c)
-    solver   x_s, s = t - k:  one DDIM step (eta 0) with the teacher's guided x0 and eps at scale w
+    solver   x_s, s = t - k:  one DDIM step (eta 0) with the teacher's guided x0 and eps at scale w; or m steps of
+             k / m (`consistency.solver_substeps`), each with Heun's correction (`consistency.solver_order` 2)
     target   f-(x_s, s, w, c): the same function of the target network, an EMA of the student
     loss     pseudo-Huber(online - target), sqrt(d^2 + c^2) - c per element (Song & Dhariwal 2023)
 
@@ -110,12 +111,17 @@ class ConsistencyConfig:
                                    # except at t = 0, so f is the predicted x0)
     target_decay: float = 0.95     # EMA rate of the target network; 0: the student itself, without gradient (iCT)
     huber_c: float = 0.001         # pseudo-Huber loss sqrt(d^2 + c^2) - c per latent element; 0: squared error
+    solver_substeps: int = 1       # m: the teacher solves each skip from t to s in m steps of k / m (m guided passes)
+    solver_order: int = 1          # 1: DDIM (flow: Euler) steps of the teacher, the paper's; 2: Heun's correction on
+                                   # the same ODE, a second guided teacher pass a step (none into clean data)
 
     def validate(self) -> None:
         require(self.solver_steps >= 1, f"consistency.solver_steps must be >= 1, got {self.solver_steps}")
         require(self.timestep_scaling > 0, f"consistency.timestep_scaling must be > 0, got {self.timestep_scaling}")
         require(0 <= self.target_decay < 1, f"consistency.target_decay must be in [0, 1), got {self.target_decay}")
         require(self.huber_c >= 0, f"consistency.huber_c must be >= 0, got {self.huber_c}")
+        require(self.solver_substeps >= 1, f"consistency.solver_substeps must be >= 1, got {self.solver_substeps}")
+        require(self.solver_order in (1, 2), f"consistency.solver_order must be 1 (DDIM/Euler) or 2 (Heun), got {self.solver_order}")
 
 
 @dataclasses.dataclass
@@ -200,13 +206,14 @@ def teacher_schedule_problem(schedule: dict, solver_steps: int) -> str | None:
 class DDIMSolver:
     """The skipping-step solver of LCM (Luo et al. 2023, sec. 4.3): one deterministic DDIM step (Song et al.
     2021, eq. 12 with eta = 0) from t to s = t - k on the teacher's schedule, on the grid of LCMScheduler
-    (t = k - 1, 2k - 1, ..., its `lcm_origin_timesteps`). s < 0 is clean data: alpha_bar = 1.
+    (t = k - 1, 2k - 1, ..., its `lcm_origin_timesteps`), or `substeps` steps along `path`. s < 0 is clean
+    data: alpha_bar = 1.
     The consistency function and the sampler are the exported LCMScheduler's."""
 
     objective = "diffusion"
     sampler = "lcm"  # what the export samples with, in diffusers as in infer.py
 
-    def __init__(self, scheduler: LCMScheduler):
+    def __init__(self, scheduler: LCMScheduler, substeps: int = 1):
         self.scheduler = scheduler
         self.prediction_type = scheduler.config.prediction_type
         self.alphas_cumprod = scheduler.alphas_cumprod.double()  # the exported scheduler's: one schedule everywhere
@@ -214,6 +221,8 @@ class DDIMSolver:
         self.k = scheduler.config.num_train_timesteps // steps
         self.grid = torch.arange(1, steps + 1) * self.k - 1
         self.previous = self.grid - self.k  # s of each t: the first is -1, clean data
+        # each t's path to s in `substeps` steps (rows: grid points; the teacher's timesteps are integers)
+        self.path = self.grid[:, None] - (torch.arange(substeps + 1) * self.k / substeps).round().long()
 
     def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """alpha_bar_t per item (1 where t < 0), shaped to broadcast over `like`."""
@@ -247,6 +256,16 @@ class DDIMSolver:
         """The solver's step from t to s with the teacher's (guided) prediction."""
         return self.step(*self.x0_and_eps(prediction, x_t, t), s)
 
+    def corrected(self, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, prediction: torch.Tensor,
+                  x_s: torch.Tensor, prediction_s: torch.Tensor) -> torch.Tensor:
+        """Heun's step from t to s: DDIM is Euler's method on x / sqrt(abar) against sqrt((1 - abar) / abar) with
+        slope eps (Karras et al. 2022, sec. 3), so the correction averages the eps at t and at the Euler step's x_s.
+        Into clean data (s < 0) the Euler step stays: there is no eps to take at sigma 0."""
+        eps = (self.x0_and_eps(prediction, x_t, t)[1] + self.x0_and_eps(prediction_s, x_s, s.clamp(min=0))[1]) / 2
+        abar = self.alpha_bar(t, x_t)
+        heun = self.step((x_t - (1 - abar).sqrt() * eps) / abar.sqrt(), eps, s)
+        return torch.where((s >= 0).to(x_t.device).view(-1, *[1] * (x_t.ndim - 1)), heun, x_s)
+
     def consistency(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """f(x_t, t) = c_skip x_t + c_out x0 from a U-Net prediction: what LCMScheduler.step calls `denoised`."""
         c_skip, c_out = boundary_scalings(self.scheduler, t, x)
@@ -270,19 +289,22 @@ class FlowSolver:
     """The same for a flow-matching teacher (noise.objective=flow: x_t = (1 - sigma) x0 + sigma eps, velocity
     eps - x0; Esser et al. 2024). The grid is N sigmas, u = 1/N, 2/N, ..., 1 shifted as the teacher was trained
     (`ldm.diffusion.shift_times`), each with the grid point below it (0 below the first: clean data); the solver
-    is one Euler step of the teacher's ODE dx/dsigma = v; the consistency function is f(x, sigma) = x - sigma v,
-    the x0 that FlowMatchLCMScheduler.step re-noises. It is x itself at sigma = 0, so the boundary condition
+    is one Euler step of the teacher's ODE dx/dsigma = v (or `substeps` of them along `path`); the consistency
+    function is f(x, sigma) = x - sigma v, the x0 that FlowMatchLCMScheduler.step re-noises. It is x itself at sigma = 0, so the boundary condition
     holds without c_skip and c_out. Timesteps are sigma * num_train_timesteps, as the teacher saw them."""
 
     objective = "flow"
     sampler = "flow-lcm"
 
-    def __init__(self, schedule: dict, steps: int):
+    def __init__(self, schedule: dict, steps: int, substeps: int = 1):
         self.schedule = schedule
         self.total = int(schedule.get("num_train_timesteps", 1000))
         self.shift = float(schedule.get("shift", schedule.get("flow_shift", 1.0)))
-        sigmas = shift_times(torch.arange(steps + 1, dtype=torch.float64) / steps, self.shift) * self.total
-        self.grid, self.previous = sigmas[1:].float(), sigmas[:-1].float()
+        fine = shift_times(torch.arange(steps * substeps + 1, dtype=torch.float64) / (steps * substeps), self.shift)
+        sigmas = (fine * self.total).float()
+        self.grid, self.previous = sigmas[substeps::substeps], sigmas[:-1:substeps]
+        # each grid point's path to the one below in `substeps` steps, evenly spaced before the shift
+        self.path = torch.stack([sigmas[substeps - j::substeps][:steps] for j in range(substeps + 1)], dim=1)
         self.reference = make_scheduler(self.sampler, schedule)  # read, never stepped: sampling_scheduler() steps
 
     def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -298,6 +320,13 @@ class FlowSolver:
 
     def update(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return x_t + (self.sigma(s, x_t) - self.sigma(t, x_t)) * prediction
+
+    def corrected(self, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, prediction: torch.Tensor,
+                  x_s: torch.Tensor, prediction_s: torch.Tensor) -> torch.Tensor:
+        """Heun's step from t to s: the mean of the velocities at t and at the Euler step's x_s; into clean data
+        (sigma 0) the Euler step stays, as EDM's sampler ends."""
+        heun = self.update((prediction + prediction_s) / 2, x_t, t, s)
+        return torch.where(self.sigma(s, x_t) > 0, heun, x_s)
 
     def consistency(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return x - self.sigma(t, x) * prediction
@@ -327,8 +356,8 @@ Solver = DDIMSolver | FlowSolver
 def make_solver(schedule: dict, cfg: ConsistencyConfig) -> Solver:
     """The solver for a teacher trained with `schedule`: DDIM on the DDPM process, Euler on a flow."""
     if objective_of(schedule) == "flow":
-        return FlowSolver(schedule, cfg.solver_steps)
-    return DDIMSolver(lcm_scheduler(schedule, cfg))
+        return FlowSolver(schedule, cfg.solver_steps, cfg.solver_substeps)
+    return DDIMSolver(lcm_scheduler(schedule, cfg), cfg.solver_substeps)
 
 
 def boundary_scalings(scheduler: LCMScheduler, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,8 +518,10 @@ def distill(cfg: DistillConfig) -> Path:
         for micro in range(loop.grad_accum):
             indices = next(batches)
             gen = sample_generators(loop.seed, step, micro, rank * len(indices), len(indices))
-            z, cond, t, s, w = distill_inputs(cfg, cache, indices, gen, solver, text_encoder, tokenizer, teacher.clip_skip,
+            z, cond, n, w = distill_inputs(cfg, cache, indices, gen, solver, text_encoder, tokenizer, teacher.clip_skip,
                                            device, use_cached_text)
+            path = solver.path[n].T.to(device)  # t, the solver's intermediate times, s
+            t, s = path[0], path[-1]
             noise = randn_tensor(z.shape, generator=gen, device=z.device, dtype=z.dtype)
             x_t = solver.noised(z, noise, t)
             w_emb = (guidance_embedding(w, cfg.guidance.embedding_dim).to(device, z.dtype)
@@ -498,8 +529,9 @@ def distill(cfg: DistillConfig) -> Path:
             with accelerator.accumulate(unet):
                 online = solver.consistency(unet(x_t, t, cond, timestep_cond=w_emb).sample, x_t, t)
                 with torch.no_grad():
-                    x_s = teacher_step(teacher_unet, solver, x_t, t, s, cond, empty, guided_scales(solver, t, w, cfg),
-                                       accelerator)
+                    x_s = teacher_step(teacher_unet, solver, x_t, path, cond, empty,
+                                       lambda time: guided_scales(solver, solver.model_timestep(time), w, cfg),
+                                       accelerator, heun=cc.solver_order == 2)
                     with evaluating(raw), accelerator.autocast():
                         pred = target(raw, x_s, solver.model_timestep(s), cond, timestep_cond=w_emb).sample
                     goal = solver.consistency(pred.float(), x_s, s)
@@ -541,8 +573,8 @@ def distill(cfg: DistillConfig) -> Path:
 
 def distill_inputs(cfg: DistillConfig, cache: LatentCache, indices: list[int], gen: list[torch.Generator],
                    solver: Solver, text_encoder, tokenizer, clip_skip: int, device, use_cached_text: bool):
-    """(latents, text conditioning, grid timesteps t, the solver's target timesteps s below them, guidance
-    scales w) of a micro-batch, each sample's draws
+    """(latents, text conditioning, indices of the grid timesteps t in solver.grid, guidance scales w) of a
+    micro-batch, each sample's draws
     from its own generator: flip, posterior sample, caption, then t and w. No caption dropout: the
     guidance the dropout trained for is the teacher's, and the student learns its result."""
     flip = random_flips(cache, gen)
@@ -556,7 +588,7 @@ def distill_inputs(cfg: DistillConfig, cache: LatentCache, indices: list[int], g
     n = torch.cat([torch.randint(0, len(solver.grid), (1,), generator=g) for g in gen])
     low, high = cfg.guidance.w_min, cfg.guidance.w_max
     w = low + (high - low) * uniform(gen)
-    return z, cond.to(device, z.dtype), solver.grid[n].to(device), solver.previous[n].to(device), w
+    return z, cond.to(device, z.dtype), n, w
 
 
 def guided_scales(solver: Solver, t: torch.Tensor, w: torch.Tensor, cfg: DistillConfig) -> torch.Tensor:
@@ -569,16 +601,25 @@ def guided_scales(solver: Solver, t: torch.Tensor, w: torch.Tensor, cfg: Distill
     return torch.where((level > lo) & (level <= hi), w, torch.ones_like(w))
 
 
-def teacher_step(teacher_unet, solver: Solver, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-                 cond: torch.Tensor, empty: torch.Tensor, w: torch.Tensor, accelerator) -> torch.Tensor:
-    """x_s: the DDIM step from t to s with the teacher's classifier-free guided prediction at scales w
-    (uncond + w (cond - uncond), one batch of both; x0 and eps are linear in it, so guiding the prediction
-    guides both, as LCM's eq. 9 guides each)."""
+def teacher_step(teacher_unet, solver: Solver, x: torch.Tensor, path: torch.Tensor, cond: torch.Tensor,
+                 empty: torch.Tensor, scales, accelerator, heun: bool = False) -> torch.Tensor:
+    """x_s: the solver's steps along `path` (times per item, rows t, ..., s) with the teacher's classifier-free
+    guided prediction at `scales(time)` (uncond + w (cond - uncond), one batch of both; x0 and eps are linear in
+    it, so guiding the prediction guides both, as LCM's eq. 9 guides each). `heun`: each step with Heun's
+    correction, a second guided prediction at its end."""
     with teacher_unet() as unet, accelerator.autocast():
-        both = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([empty.expand_as(cond), cond])).sample.float()
-    uncond, text = both.chunk(2)
-    w = w.to(x_t.device, x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
-    return solver.update(uncond + w * (text - uncond), x_t, t, s)
+        def guided(x, time):
+            both = unet(torch.cat([x, x]), torch.cat([time, time]), torch.cat([empty.expand_as(cond), cond])).sample.float()
+            uncond, text = both.chunk(2)
+            return uncond + scales(time).to(x.device, x.dtype).view(-1, *[1] * (x.ndim - 1)) * (text - uncond)
+
+        for a, b in zip(path[:-1], path[1:]):
+            prediction = guided(x, a)
+            x_b = solver.update(prediction, x, a, b)
+            if heun:
+                x_b = solver.corrected(x, a, b, prediction, x_b, guided(x_b, solver.model_timestep(b)))
+            x = x_b
+    return x
 
 
 # ----------------------------------------------------------------------------- validation and export
@@ -634,6 +675,7 @@ def export_student(cfg: DistillConfig, unet, teacher: Pipeline, solver: Solver, 
                          "embedding_dim": cfg.guidance.embedding_dim, "interval": cfg.guidance.interval,
                          "embedding_of": "guidance_scale - 1 (diffusers' timestep_cond)"},
             **solver.record(), "solver_steps": cfg.consistency.solver_steps,
+            "solver_substeps": cfg.consistency.solver_substeps, "solver_order": cfg.consistency.solver_order,
             "timestep_scaling": cfg.consistency.timestep_scaling if solver.objective == "diffusion" else None,
             "target_decay": cfg.consistency.target_decay, "huber_c": cfg.consistency.huber_c,
             "lora": to_dict(cfg.lora) if cfg.lora.rank else None,  # merged into unet/; the adapters alone in ../lora/

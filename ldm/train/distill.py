@@ -219,10 +219,10 @@ class DDIMSolver:
         self.alphas_cumprod = scheduler.alphas_cumprod.double()  # the exported scheduler's: one schedule everywhere
         steps = scheduler.config.original_inference_steps
         self.k = scheduler.config.num_train_timesteps // steps
-        self.grid = torch.arange(1, steps + 1) * self.k - 1
-        self.previous = self.grid - self.k  # s of each t: the first is -1, clean data
-        # each t's path to s in `substeps` steps (rows: grid points; the teacher's timesteps are integers)
-        self.path = self.grid[:, None] - (torch.arange(substeps + 1) * self.k / substeps).round().long()
+        grid = torch.arange(1, steps + 1) * self.k - 1
+        # each t's path to s = t - k in `substeps` steps (rows: grid points; the teacher's timesteps are integers)
+        self.path = grid[:, None] - (torch.arange(substeps + 1) * self.k / substeps).round().long()
+        self.grid, self.previous = self.path[:, 0], self.path[:, -1]  # the first s is -1: clean data
 
     def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """alpha_bar_t per item (1 where t < 0), shaped to broadcast over `like`."""
@@ -290,8 +290,8 @@ class FlowSolver:
     eps - x0; Esser et al. 2024). The grid is N sigmas, u = 1/N, 2/N, ..., 1 shifted as the teacher was trained
     (`ldm.diffusion.shift_times`), each with the grid point below it (0 below the first: clean data); the solver
     is one Euler step of the teacher's ODE dx/dsigma = v (or `substeps` of them along `path`); the consistency
-    function is f(x, sigma) = x - sigma v, the x0 that FlowMatchLCMScheduler.step re-noises. It is x itself at sigma = 0, so the boundary condition
-    holds without c_skip and c_out. Timesteps are sigma * num_train_timesteps, as the teacher saw them."""
+    function is f(x, sigma) = x - sigma v, the x0 that FlowMatchLCMScheduler.step re-noises. It is x itself at
+    sigma = 0, so the boundary condition holds without c_skip and c_out. Timesteps are sigma * num_train_timesteps, as the teacher saw them."""
 
     objective = "flow"
     sampler = "flow-lcm"
@@ -301,10 +301,10 @@ class FlowSolver:
         self.total = int(schedule.get("num_train_timesteps", 1000))
         self.shift = float(schedule.get("shift", schedule.get("flow_shift", 1.0)))
         fine = shift_times(torch.arange(steps * substeps + 1, dtype=torch.float64) / (steps * substeps), self.shift)
-        sigmas = (fine * self.total).float()
-        self.grid, self.previous = sigmas[substeps::substeps], sigmas[:-1:substeps]
         # each grid point's path to the one below in `substeps` steps, evenly spaced before the shift
-        self.path = torch.stack([sigmas[substeps - j::substeps][:steps] for j in range(substeps + 1)], dim=1)
+        index = substeps * torch.arange(1, steps + 1)[:, None] - torch.arange(substeps + 1)
+        self.path = (fine * self.total).float()[index]
+        self.grid, self.previous = self.path[:, 0], self.path[:, -1]
         self.reference = make_scheduler(self.sampler, schedule)  # read, never stepped: sampling_scheduler() steps
 
     def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@ compares the mean latent of the 2x2 cells at the square's centre:
   and how far the additive guess lands from it: its code on gray plus the mean black-minus-gray
   shift of the other colours.
 
-Deterministic (the posterior means), a few seconds on a CPU.
+Distances are in the VAE's raw latent units; `scaling_factor` (the stored one) converts them to the
+units the U-Net sees, and `relative` (the held-out colour's black-vs-gray distance over the spread)
+compares VAEs of different scales. Deterministic (the posterior means), a few seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.data.shapes import BACKGROUNDS, COLORS, Scene, ShapeObject, render  # noqa: E402
-from ldm.models.vae import load_vae  # noqa: E402
+from ldm.models.vae import latent_scale, load_vae  # noqa: E402
 
 
 @torch.no_grad()
@@ -57,9 +59,11 @@ def locality(codes: dict[tuple[str, str], torch.Tensor], color: str = "green", b
     others = [c for c in COLORS if c != color]
     shift = torch.stack([codes[c, background] - codes[c, reference] for c in others]).mean(0)
     nearest = sorted((dist(z, target), f"{c} on {b}") for (c, b), z in codes.items() if (c, b) != (color, background))
+    spread = float(torch.stack([codes[c, background] for c in COLORS]).std(0).norm())
     return {
         f"{background}_vs_{reference}": {c: dist(codes[c, background], codes[c, reference]) for c in COLORS},
-        f"spread_on_{background}": round(float(torch.stack([codes[c, background] for c in COLORS]).std(0).norm()), 2),
+        f"spread_on_{background}": round(spread, 2),
+        "relative": round(float((target - codes[color, reference]).norm()) / spread, 2),
         "held_out": f"{color} on {background}",
         "nearest": nearest[:4],
         "additive_miss": dist(codes[color, reference] + shift, target),
@@ -75,7 +79,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     vae = load_vae(args.vae).eval()
-    result = {"vae": args.vae, "size": args.size,
+    result = {"vae": args.vae, "size": args.size, "scaling_factor": round(latent_scale(vae)[0], 4),
               **locality(centre_codes(vae, args.size), args.color, args.background)}
     print(json.dumps(result, indent=2))
     if args.json:

@@ -19,6 +19,7 @@ from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline, UNet
 from PIL import Image
 from safetensors.torch import load_file
 
+import ldm.train.distill as distill_module
 from ldm.cli import distill_main
 from ldm.config import ConfigError, load_config
 from ldm.data.cache import CacheMismatchError
@@ -146,7 +147,7 @@ def gaussian_solve(kind: str, substeps: int = 1, heun: bool = False):
     x = x * teacher.std(t, x)
     cond = torch.zeros(10, 1, 1)
     x_s = teacher_step(lambda: contextlib.nullcontext(teacher), solver, x, solver.path.T, cond, cond,
-                       lambda time: torch.full((10,), 4.0), SimpleNamespace(autocast=contextlib.nullcontext), heun=heun)
+                       lambda time: torch.full((10,), 4.0), contextlib.nullcontext, heun=heun)
     return x_s, x * teacher.std(s, x) / teacher.std(t, x)
 
 
@@ -296,9 +297,20 @@ def test_a_resumed_run_ends_as_the_run_that_never_stopped(teacher, latents, full
 # ----------------------------------------------------------------------------- LCM-LoRA
 
 
-def test_a_lora_run_exports_the_merged_student_and_an_lcm_lora_that_loads_onto_the_teacher(teacher, latents, tmp_path):
+def test_a_lora_run_exports_the_merged_student_and_an_lcm_lora_that_loads_onto_the_teacher(teacher, latents, tmp_path,
+                                                                                           monkeypatch):
     out = tmp_path / "lcm-lora"
-    pipeline = distill(distill_cfg(out, teacher, latents, *LORA, "train.lr=1e-2", "consistency.target_decay=0"))
+    solved_in = []  # consistency.teacher_dtype: the dtype the teacher's passes ran under, each step
+
+    def spy(unet, solver, x, path, cond, empty, scales, autocast, heun=False):
+        with autocast():
+            solved_in.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return teacher_step(unet, solver, x, path, cond, empty, scales, autocast, heun)
+
+    monkeypatch.setattr(distill_module, "teacher_step", spy)
+    pipeline = distill(distill_cfg(out, teacher, latents, *LORA, "train.lr=1e-2", "consistency.target_decay=0",
+                                   "consistency.teacher_dtype=bf16"))
+    assert solved_in and set(solved_in) == {torch.bfloat16}
     start, end = unet_weights(teacher / "pipeline"), unet_weights(pipeline)
     assert start.keys() == end.keys()  # no guidance embedding: the teacher's architecture
     adapted = {k for k in start if k.endswith((".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight"))}
@@ -467,6 +479,8 @@ def test_bad_configs_caches_and_teachers_fail_before_any_work(teacher, latents, 
         distill_cfg(tmp_path / "x", teacher, latents, "sample_guidance=9")
     with pytest.raises(ConfigError, match=r"guidance.interval: need 0 <= lo < hi"):
         distill_cfg(tmp_path / "x", teacher, latents, "guidance.interval=[3.0, 1.0]")
+    with pytest.raises(ConfigError, match=r"consistency.teacher_dtype must be one of \['', 'bf16', 'fp16'\], got 'half'"):
+        distill_cfg(tmp_path / "x", teacher, latents, "consistency.teacher_dtype=half")
     with pytest.raises(ConfigError, match="unknown config key.*guidance.scale"):
         distill_cfg(tmp_path / "x", teacher, latents, "guidance.scale=3")
     with pytest.raises(ConfigError, match="teacher: no such directory"):

@@ -31,7 +31,7 @@ BASE = ["data.source.kind=shapes", "data.source.size=32", "data.source.resolutio
         "data.eval_size=8", "model.preset=tiny-f4", "train.batch_size=4", "train.lr=1e-3", "train.warmup_steps=0",
         "train.log_every=1", "loss.disc_channels=8", "loss.disc_layers=2", "scale_images=32"]
 RUN = ["train.steps=3", "train.grad_accum=2", "train.ema_decay=0.9", "train.eval_every=2", "train.save_every=2",
-       "loss.disc_start=1"]
+       "loss.disc_start=1", "locality_weight=1.0", "locality_crop=12"]
 
 
 def vae_cfg(out_dir, *overrides) -> VAETrainConfig:
@@ -242,6 +242,34 @@ def test_measure_latent_scale_is_one_over_the_latent_spread(use_shift):
         z = torch.cat([vae.encode(images[:4]).latent_dist.sample(), vae.encode(images[4:]).latent_dist.sample()]).double()
     assert scale == pytest.approx(1 / z.std(correction=0).item())
     assert shift == (pytest.approx(z.mean().item()) if use_shift else 0.0)
+
+
+class _Encoder(nn.Module):
+    """An encoder of 2x2 patches; `pooled` adds the image's mean code to every cell, as GroupNorm's statistics do."""
+
+    def __init__(self, pooled: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.pooled = nn.Conv2d(3, 4, 2, stride=2), pooled
+
+    def forward(self, x, encode_only=True):
+        z = self.conv(x)
+        return z + z.mean((2, 3), keepdim=True) if self.pooled else z
+
+
+def test_locality_loss_is_zero_for_a_local_code_and_not_for_a_pooled_one():
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    for pooled in (False, True):
+        ae = _Encoder(pooled)
+        loss = train_vae_module.locality_loss(ae, x, ae(x), 8, seed=0, step=1)
+        assert (loss.item() > 1e-3) if pooled else loss.item() < 1e-10
+    with pytest.raises(ConfigError, match="locality_crop=4"):
+        train_vae_module.locality_loss(ae, x, ae(x), 4, seed=0, step=1)
+
+
+def test_locality_term_is_logged_when_weighted(run):
+    lines = [line for line in run["lines"] if "rec" in line]
+    assert lines and all(line["locality"] > 0 for line in lines)  # a GroupNorm VAE's codes are not yet local
 
 
 def test_config_errors_name_the_setting(tmp_path, monkeypatch):

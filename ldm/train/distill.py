@@ -82,6 +82,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what LCMSch
 # ----------------------------------------------------------------------------- config
 
 
+AUTOCAST_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # consistency.teacher_dtype
+
 @dataclasses.dataclass
 class GuidanceConfig:
     w_min: float = 2.0         # classifier-free guidance scales distilled, each sample's drawn U[w_min, w_max]; the
@@ -114,6 +116,9 @@ class ConsistencyConfig:
     solver_substeps: int = 1       # m: the teacher solves each skip from t to s in m steps of k / m (m guided passes)
     solver_order: int = 1          # 1: DDIM (flow: Euler) steps of the teacher, the paper's; 2: Heun's correction on
                                    # the same ODE, a second guided teacher pass a step (none into clean data)
+    teacher_dtype: str = ""        # "bf16" / "fp16": the passes that take no gradient (the frozen teacher's solve, the
+                                   # target's prediction) run under autocast to it, as diffusers' LCM script casts its
+                                   # teacher to the mixed-precision dtype; "": as train.mixed_precision
 
     def validate(self) -> None:
         require(self.solver_steps >= 1, f"consistency.solver_steps must be >= 1, got {self.solver_steps}")
@@ -122,6 +127,8 @@ class ConsistencyConfig:
         require(self.huber_c >= 0, f"consistency.huber_c must be >= 0, got {self.huber_c}")
         require(self.solver_substeps >= 1, f"consistency.solver_substeps must be >= 1, got {self.solver_substeps}")
         require(self.solver_order in (1, 2), f"consistency.solver_order must be 1 (DDIM/Euler) or 2 (Heun), got {self.solver_order}")
+        require(self.teacher_dtype in AUTOCAST_DTYPES,
+                f"consistency.teacher_dtype must be one of {sorted(AUTOCAST_DTYPES)}, got {self.teacher_dtype!r}")
 
 
 @dataclasses.dataclass
@@ -507,6 +514,8 @@ def distill(cfg: DistillConfig) -> Path:
         empty = encode_prompts(text_encoder, tokenizer, [""], clip_skip=teacher.clip_skip)
     use_cached_text = cache.text_matches(text_identity(text_encoder, tokenizer, teacher.clip_skip))
     teacher_unet = (lambda: evaluating(raw, adapters=False)) if cfg.lora.rank else (lambda: evaluating(teacher.unet))
+    no_grad_autocast = (lambda: torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cc.teacher_dtype])
+                        if cc.teacher_dtype else accelerator.autocast())
 
     # --- resume: the step fixes the data position and every random draw after it
     step, guard = resume(accelerator, out_dir, cfg.resume, loop.max_nonfinite_steps)
@@ -531,8 +540,8 @@ def distill(cfg: DistillConfig) -> Path:
                 with torch.no_grad():
                     x_s = teacher_step(teacher_unet, solver, x_t, path, cond, empty,
                                        lambda time: guided_scales(solver, solver.model_timestep(time), w, cfg),
-                                       accelerator, heun=cc.solver_order == 2)
-                    with evaluating(raw), accelerator.autocast():
+                                       no_grad_autocast, heun=cc.solver_order == 2)
+                    with evaluating(raw), no_grad_autocast():
                         pred = target(raw, x_s, solver.model_timestep(s), cond, timestep_cond=w_emb).sample
                     goal = solver.consistency(pred.float(), x_s, s)
                 loss = pseudo_huber(online, goal, cc.huber_c)
@@ -602,12 +611,12 @@ def guided_scales(solver: Solver, t: torch.Tensor, w: torch.Tensor, cfg: Distill
 
 
 def teacher_step(teacher_unet, solver: Solver, x: torch.Tensor, path: torch.Tensor, cond: torch.Tensor,
-                 empty: torch.Tensor, scales, accelerator, heun: bool = False) -> torch.Tensor:
+                 empty: torch.Tensor, scales, autocast, heun: bool = False) -> torch.Tensor:
     """x_s: the solver's steps along `path` (times per item, rows t, ..., s) with the teacher's classifier-free
     guided prediction at `scales(time)` (uncond + w (cond - uncond), one batch of both; x0 and eps are linear in
     it, so guiding the prediction guides both, as LCM's eq. 9 guides each). `heun`: each step with Heun's
-    correction, a second guided prediction at its end."""
-    with teacher_unet() as unet, accelerator.autocast():
+    correction, a second guided prediction at its end. `autocast()`: the context the passes run in."""
+    with teacher_unet() as unet, autocast():
         def guided(x, time):
             both = unet(torch.cat([x, x]), torch.cat([time, time]), torch.cat([empty.expand_as(cond), cond])).sample.float()
             uncond, text = both.chunk(2)

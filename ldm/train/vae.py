@@ -43,6 +43,10 @@ class VAETrainConfig:
     crop_size: int = 0                 # train on random square crops of this size (px); 0: whole images.
                                        # The autoencoder is convolutional, so crops teach it the same
                                        # mapping at a fraction of the cost (SD's VAE: 256 px crops)
+    locality_weight: float = 0.0       # weight of the locality term (`locality_loss`): a crop's code must be the
+                                       # code of that window of the whole image, so an object's code does not
+                                       # depend on the rest of the scene (issue #23, docs/composition.md)
+    locality_crop: int = 0             # its crops' size in px (a multiple of the downsampling factor); 0: half the image
     grid_images: int = 16              # held-out images in each reconstruction grid
     fid: bool = False                  # rFID/rKID on the held-out set with FID's Inception (see ldm.metrics)
     fid_weights: str = ""              # torch-fidelity's Inception weights file; "": torch's hub cache
@@ -54,6 +58,7 @@ class VAETrainConfig:
                 "data.captions: the VAE trains on images alone and never reads a caption; remove data.captions")
         require(self.scale_images > 0, "scale_images must be > 0")
         require(self.crop_size >= 0, "crop_size must be >= 0")
+        require(self.locality_weight >= 0 and self.locality_crop >= 0, "locality_weight and locality_crop must be >= 0")
         check_spec("features", self.features)
         if self.fid and not self.features:
             weights = Path(self.fid_weights) if self.fid_weights else default_inception_path()
@@ -66,6 +71,8 @@ class VAETrainConfig:
                     f"VAE's downsampling factor {factor} (model.preset={self.model.preset})")
             require(self.crop_size % factor == 0,
                     f"crop_size={self.crop_size} is not divisible by the VAE's downsampling factor {factor}")
+            require(self.locality_crop % factor == 0,
+                    f"locality_crop={self.locality_crop} is not divisible by the VAE's downsampling factor {factor}")
 
 
 def _preset_levels(preset: str) -> int:
@@ -143,6 +150,10 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
                 # generator step: autoencoder + logvar; the discriminator only scores, frozen
                 posterior, recon = ae(x)
                 g_loss, logs = loss_fn.generator_loss(x, recon, posterior, step, last_layer)
+                if cfg.locality_weight:
+                    local = locality_loss(ae, x, posterior.mean, cfg.locality_crop, loop.seed, step)
+                    g_loss = g_loss + cfg.locality_weight * local
+                    logs["locality"] = local.item()
                 if guard.ok(g_loss):
                     accelerator.backward(g_loss)
                     if accelerator.sync_gradients and loop.max_grad_norm:  # the norm before clipping
@@ -193,6 +204,32 @@ def random_crop(x: torch.Tensor, size: int, seed: int, step: int) -> torch.Tenso
     return x[..., top : top + size, left : left + size]
 
 
+def locality_loss(ae: torch.nn.Module, x: torch.Tensor, z: torch.Tensor, crop: int, seed: int, step: int) -> torch.Tensor:
+    """How far the code of a crop of `x` lies from the code `z` (the posterior means of the whole
+    images) over the same window, squared distance summed per image as the KL is, excluding the
+    window's outer ring of latent cells, where the crop's padding stands for the rest of the image.
+
+    A convolutional encoder with GroupNorm (AutoencoderKL's, at every level) and mid-block
+    attention codes each cell from statistics of the whole image: on `shapes`, an object's code
+    depends on its background, so a green object on black, never in the U-Net's captions, has a
+    code the U-Net cannot put together from green on gray and black backgrounds. This term asks
+    the encoder for codes that depend on what is near a cell only. One crop position per batch,
+    aligned to the latent grid and fixed by (seed, step), so resume is exact.
+    """
+    factor = x.shape[-1] // z.shape[-1]
+    size = crop or x.shape[-1] // 2
+    cells = size // factor
+    require(2 < cells <= z.shape[-1], f"locality_crop={size} px is {cells} latent cells; it needs 3 or more "
+                                      f"(the outer ring is left out), and no more than the image's {z.shape[-1]}")
+    g = torch.Generator().manual_seed(seed * 1_000_033 + step)
+    top, left = (int(torch.randint(0, n - cells + 1, (1,), generator=g)) for n in z.shape[-2:])
+    window = z[..., top : top + cells, left : left + cells]
+    x_crop = x[..., top * factor : (top + cells) * factor, left * factor : (left + cells) * factor]
+    z_crop = ae(x_crop, encode_only=True)
+    inner = (slice(None), slice(None), slice(1, cells - 1), slice(1, cells - 1))
+    return (z_crop[inner] - window[inner]).pow(2).flatten(1).sum(1).mean()
+
+
 class Autoencode(torch.nn.Module):
     """encode -> sample -> decode in one forward, so DDP sees (and syncs) the whole autoencoder,
     and the NLL's learned log-variance (used by the loss after this forward) with it."""
@@ -201,8 +238,10 @@ class Autoencode(torch.nn.Module):
         super().__init__()
         self.vae, self.logvar = vae, logvar
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, encode_only: bool = False):
         posterior = self.vae.encode(x).latent_dist
+        if encode_only:  # the posterior mean (the locality term's crops)
+            return posterior.mean
         return posterior, self.vae.decode(posterior.sample()).sample
 
 

@@ -72,6 +72,7 @@ from ldm.pipeline import save_pipeline
 from ldm.train.common import (LoopConfig, lr_lambda, make_accelerator, make_optimizer, register_schedule, resume,
                               sample_generators, start_run, uniform)
 from ldm.train.ema import make_ema, swapped_ema
+from ldm.train.encode import DTYPES
 from ldm.train.ldm import finetune_source, most_common_size, random_flips, size_batches
 from ldm.train.loop import run_loop
 
@@ -82,7 +83,9 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what LCMSch
 # ----------------------------------------------------------------------------- config
 
 
-AUTOCAST_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # consistency.teacher_dtype
+# consistency.teacher_dtype: stage 2's names of the dtypes autocast can lower to; "": no autocast of its own
+AUTOCAST_DTYPES = {"": None, **{name: dtype for name, dtype in DTYPES.items() if dtype is not torch.float32}}
+
 
 @dataclasses.dataclass
 class GuidanceConfig:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -26,7 +27,7 @@ from ldm.data.cache import CacheMismatchError
 from ldm.diffusion import NoiseConfig, scheduler_config
 from ldm.infer import generate, load_pipeline
 from ldm.infer import main as infer_main
-from ldm.sampling import denoise, guidance_embedding, make_scheduler, noise_level
+from ldm.sampling import denoise, guidance_embedding, make_scheduler, noise_level, set_steps
 from ldm.train.distill import (ConsistencyConfig, DDIMSolver, DistillConfig, FlowSolver, GuidanceConfig, distill,
                                guided_scales, lcm_scheduler, make_solver, student_unet, teacher_schedule_problem,
                                teacher_step)
@@ -68,7 +69,7 @@ def distill_cfg(out: Path, teacher: Path, latents: dict, *overrides: str) -> Dis
 @pytest.fixture(scope="module")
 def full(teacher, latents, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full")
-    distill(distill_cfg(out, teacher, latents, "train.ema_decay=0.9", "train.eval_every=2"))
+    distill(distill_cfg(out, teacher, latents, "train.ema_decay=0.9", "train.eval_every=2", "consistency.on_policy=0.5"))
     return out
 
 
@@ -137,7 +138,7 @@ class GaussianTeacher:
         return SimpleNamespace(sample=eps if self.kind == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0)
 
 
-def gaussian_solve(kind: str, substeps: int = 1, heun: bool = False):
+def gaussian_solve(kind: str, substeps: int = 1, heun: bool = False, multistep: bool = False):
     """(the teacher's solve of every skip of a 10-step grid, the exact x_s) on Gaussian data, through teacher_step."""
     cfg = ConsistencyConfig(solver_steps=10, solver_substeps=substeps)
     solver = make_solver(FLOW if kind == "flow" else {**SCHEDULE, "prediction_type": kind}, cfg)
@@ -147,7 +148,7 @@ def gaussian_solve(kind: str, substeps: int = 1, heun: bool = False):
     x = x * teacher.std(t, x)
     cond = torch.zeros(10, 1, 1)
     x_s = teacher_step(lambda: contextlib.nullcontext(teacher), solver, x, solver.path.T, cond, cond,
-                       lambda time: torch.full((10,), 4.0), contextlib.nullcontext, heun=heun)
+                       lambda time: torch.full((10,), 4.0), contextlib.nullcontext, heun=heun, multistep=multistep)
     return x_s, x * teacher.std(s, x) / teacher.std(t, x)
 
 
@@ -165,6 +166,20 @@ def test_heuns_correction_and_substeps_land_nearer_the_exact_ode_solution(kind):
     assert (heun[1:] < euler[1:]).all() and heun[1:].sum() < euler[1:].sum() / 2, (heun, euler)
     assert heun[0] == euler[0]  # into clean data: Euler's step
     assert (halves < euler).all(), (halves, euler)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "flow"])
+def test_the_multistep_solve_lands_nearer_at_no_extra_pass(kind):
+    """Three substeps a skip with DPM-Solver++(2M)'s update after the first (consistency.multistep) land nearer the
+    exact solution than three DDIM / Euler substeps at every skip but the one into clean data, where the last
+    substep is first order and the two solves differ only by the substep before it."""
+    def error(solve):
+        x_s, exact = solve
+        return (x_s - exact).abs().amax(dim=(1, 2, 3))
+
+    ddim, multi = error(gaussian_solve(kind, substeps=3)), error(gaussian_solve(kind, substeps=3, multistep=True))
+    assert (multi[1:] < ddim[1:]).all() and multi[1:].sum() < ddim[1:].sum() / 2, (multi, ddim)
+    assert torch.isfinite(multi).all()
 
 
 def test_substeps_split_each_skip_evenly_between_the_grid_points():
@@ -196,6 +211,27 @@ def tiny_unet(**overrides) -> UNet2DConditionModel:
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), layers_per_block=1,
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
                                 attention_head_dim=8, norm_num_groups=8, **overrides)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "flow"])
+def test_on_policy_inputs_are_what_the_students_own_sampler_feeds_it(kind):
+    """consistency.on_policy: an item at grid point n gets the x that the student's sampler, stepping every grid point
+    from pure noise with the item's generator, has at that point: LCMScheduler's (a flow's FlowMatchLCMScheduler's)
+    steps, noise draws included, stopped there."""
+    cfg = ConsistencyConfig(solver_steps=4)
+    solver = make_solver(FLOW if kind == "flow" else SCHEDULE, cfg)
+    sampler = solver.sampling_scheduler()
+    student = lambda x, t, cond, timestep_cond=None: SimpleNamespace(sample=0.3 * x + 0.01 * t.view(-1, 1, 1, 1) / 1000)
+    like, cond, n = torch.zeros(4, 4, 8, 8), torch.zeros(4, 1, 1), torch.tensor([0, 1, 2, 3])
+    ours = distill_module.sampler_inputs(student, solver, like, n, cond, None,
+                                         [torch.Generator().manual_seed(i) for i in range(4)])
+    for i in range(4):
+        gen = torch.Generator().manual_seed(i)
+        set_steps(sampler, 4, "cpu")
+        x = randn_tensor((1, 4, 8, 8), generator=gen)
+        for t in sampler.timesteps[: len(solver.grid) - 1 - i]:
+            x = sampler.step(student(x, t.expand(1), cond).sample, t, x, generator=gen).prev_sample
+        assert torch.allclose(ours[i], x[0], atol=1e-5), i
 
 
 def test_the_guidance_embedding_is_the_same_in_training_diffusers_and_our_sampler(teacher, monkeypatch):
@@ -286,7 +322,7 @@ def test_infer_and_app_sample_the_student_with_its_defaults(full, tmp_path):
 
 
 def test_a_resumed_run_ends_as_the_run_that_never_stopped(teacher, latents, full, tmp_path):
-    args = ["train.ema_decay=0.9", "train.eval_every=2"]  # the settings of `full`
+    args = ["train.ema_decay=0.9", "train.eval_every=2", "consistency.on_policy=0.5"]  # the settings of `full`
     distill(distill_cfg(tmp_path / "cut", teacher, latents, *args, "train.steps=2"))
     resumed = distill(distill_cfg(tmp_path / "cut", teacher, latents, *args, "resume=latest"))
     whole = unet_weights(full / "pipeline")  # the same config, never stopped
@@ -302,10 +338,10 @@ def test_a_lora_run_exports_the_merged_student_and_an_lcm_lora_that_loads_onto_t
     out = tmp_path / "lcm-lora"
     solved_in = []  # consistency.teacher_dtype: the dtype the teacher's passes ran under, each step
 
-    def spy(unet, solver, x, path, cond, empty, scales, autocast, heun=False):
+    def spy(unet, solver, x, path, cond, empty, scales, autocast, **kwargs):
         with autocast():
             solved_in.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
-        return teacher_step(unet, solver, x, path, cond, empty, scales, autocast, heun)
+        return teacher_step(unet, solver, x, path, cond, empty, scales, autocast, **kwargs)
 
     monkeypatch.setattr(distill_module, "teacher_step", spy)
     pipeline = distill(distill_cfg(out, teacher, latents, *LORA, "train.lr=1e-2", "consistency.target_decay=0",

@@ -10,10 +10,12 @@ the student starts as a copy of its U-Net and trains on the latent cache the tea
 Each sample of a batch (the paper's Algorithm 1, with its sec. 4.2 guidance and 4.3 skipping steps):
 
     t        one of the solver's grid t = k - 1, 2k - 1, ..., T - 1 (N = T / k steps), uniformly
-    x_t      the cached latent noised to t;  w ~ U[w_min, w_max], a classifier-free guidance scale
+    x_t      the cached latent noised to t, or (`consistency.on_policy`) what the student's own sampler feeds it
+             at t (`sampler_inputs`);  w ~ U[w_min, w_max], a classifier-free guidance scale
     online   f(x_t, t, w, c)  = c_skip(t) x_t + c_out(t) x0_student(x_t, t, w, c)
     solver   x_s, s = t - k:  one DDIM step (eta 0) with the teacher's guided x0 and eps at scale w; or m steps of
              k / m (`consistency.solver_substeps`), each with Heun's correction (`consistency.solver_order` 2)
+             or DPM-Solver++(2M)'s after the first (`consistency.multistep`)
     target   f-(x_s, s, w, c): the same function of the target network, an EMA of the student
     loss     pseudo-Huber(online - target), sqrt(d^2 + c^2) - c per element (Song & Dhariwal 2023)
 
@@ -41,6 +43,8 @@ Where this departs from diffusers' `examples/consistency_distillation/train_lcm_
   where the scripts stop at alpha_bar_0.
 - the unconditional input is the empty prompt encoded as the teacher was trained (its clip_skip,
   its tokenizer's length); teacher, student and target run in eval mode (no dropout in the target).
+- part of a batch can train at the student's own sampler's inputs (`consistency.on_policy`), where its
+  errors are; the scripts train at noised data only.
 """
 
 from __future__ import annotations
@@ -119,6 +123,10 @@ class ConsistencyConfig:
     solver_substeps: int = 1       # m: the teacher solves each skip from t to s in m steps of k / m (m guided passes)
     solver_order: int = 1          # 1: DDIM (flow: Euler) steps of the teacher, the paper's; 2: Heun's correction on
                                    # the same ODE, a second guided teacher pass a step (none into clean data)
+    multistep: bool = False        # substeps after a skip's first take DPM-Solver++(2M)'s second-order step from the
+                                   # teacher's x0 one substep before (no extra pass; first order into clean data)
+    on_policy: float = 0.0         # the fraction of samples whose x_t is what the student's own sampler feeds it at t
+                                   # (from pure noise, each grid point's x0 re-noised to the next), not noised data
     teacher_dtype: str = ""        # "bf16" / "fp16": the passes that take no gradient (the frozen teacher's solve, the
                                    # target's prediction) run under autocast to it, as diffusers' LCM script casts its
                                    # teacher to the mixed-precision dtype; "": as train.mixed_precision
@@ -128,8 +136,11 @@ class ConsistencyConfig:
         require(self.timestep_scaling > 0, f"consistency.timestep_scaling must be > 0, got {self.timestep_scaling}")
         require(0 <= self.target_decay < 1, f"consistency.target_decay must be in [0, 1), got {self.target_decay}")
         require(self.huber_c >= 0, f"consistency.huber_c must be >= 0, got {self.huber_c}")
+        require(0 <= self.on_policy <= 1, f"consistency.on_policy must be in [0, 1], got {self.on_policy}")
         require(self.solver_substeps >= 1, f"consistency.solver_substeps must be >= 1, got {self.solver_substeps}")
         require(self.solver_order in (1, 2), f"consistency.solver_order must be 1 (DDIM/Euler) or 2 (Heun), got {self.solver_order}")
+        require(not (self.multistep and self.solver_order == 2),
+                "consistency.multistep and consistency.solver_order=2 are two second-order solvers: take one")
         require(self.teacher_dtype in AUTOCAST_DTYPES,
                 f"consistency.teacher_dtype must be one of {sorted(AUTOCAST_DTYPES)}, got {self.teacher_dtype!r}")
 
@@ -250,6 +261,14 @@ class DDIMSolver:
             return a * x - b * prediction, a * prediction + b * x
         return prediction, (x - a * prediction) / b  # "sample"
 
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) of x_t = alpha_t x0 + sigma_t eps."""
+        abar = self.alpha_bar(t, like)
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def denoised(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.x0_and_eps(prediction, x, t)[0]
+
     def step(self, x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps: the DDIM update that keeps x0 and eps."""
         abar = self.alpha_bar(s, x0)
@@ -324,6 +343,13 @@ class FlowSolver:
         sigma = self.sigma(t, x0)
         return (1 - sigma) * x0 + sigma * noise
 
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = self.sigma(t, like)
+        return 1 - sigma, sigma
+
+    def denoised(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x - self.sigma(t, x) * prediction
+
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
         """EDM's sigma of each grid timestep t, as the sampler measures it (`ldm.sampling.noise_level`)."""
         return noise_level(self.reference, t)
@@ -361,6 +387,22 @@ class FlowSolver:
 
 
 Solver = DDIMSolver | FlowSolver
+
+
+def multistep_update(solver: Solver, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, x0: torch.Tensor,
+                     r: torch.Tensor, x0_r: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M)'s step from t to s (Lu et al. 2022, alg. 2): the first-order (DDIM / Euler) step in
+    log-SNR lambda with the teacher's x0 at t extrapolated by its change since the step before (x0_r at r),
+    D = x0 + (x0 - x0_r) h / (2 h_r). Into clean data (sigma_s = 0) the first-order step, as the sampler ends.
+    Computed in float64: lambda is infinite at sigma 0 and at alpha 0 (a flow's pure noise, where the correction
+    vanishes)."""
+    (a_t, s_t), (a_s, s_s), (a_r, s_r) = (solver.alpha_sigma(time, x_t.double()) for time in (t, s, r))
+    lam = lambda a, sg: torch.log(a) - torch.log(sg)
+    h, h_r = lam(a_s, s_s) - lam(a_t, s_t), lam(a_t, s_t) - lam(a_r, s_r)
+    x0, x0_r = x0.double(), x0_r.double()
+    second = x0 + (x0 - x0_r) * torch.nan_to_num(h / (2 * h_r), nan=0.0, posinf=0.0)
+    stepped = (s_s / s_t) * x_t.double() + a_s * (-torch.expm1(-h)) * second
+    return torch.where(s_s > 0, stepped, x0).to(x_t.dtype)
 
 
 def make_solver(schedule: dict, cfg: ConsistencyConfig) -> Solver:
@@ -538,12 +580,16 @@ def distill(cfg: DistillConfig) -> Path:
             x_t = solver.noised(z, noise, t)
             w_emb = (guidance_embedding(w, cfg.guidance.embedding_dim).to(device, z.dtype)
                      if cfg.guidance.embedding_dim else None)
+            if cc.on_policy:
+                own = (uniform(gen) < cc.on_policy).to(device)
+                with torch.no_grad(), evaluating(raw), no_grad_autocast():
+                    x_t = torch.where(own.view(-1, 1, 1, 1), sampler_inputs(raw, solver, z, n, cond, w_emb, gen), x_t)
             with accelerator.accumulate(unet):
                 online = solver.consistency(unet(x_t, t, cond, timestep_cond=w_emb).sample, x_t, t)
                 with torch.no_grad():
                     x_s = teacher_step(teacher_unet, solver, x_t, path, cond, empty,
                                        lambda time: guided_scales(solver, solver.model_timestep(time), w, cfg),
-                                       no_grad_autocast, heun=cc.solver_order == 2)
+                                       no_grad_autocast, heun=cc.solver_order == 2, multistep=cc.multistep)
                     with evaluating(raw), no_grad_autocast():
                         pred = target(raw, x_s, solver.model_timestep(s), cond, timestep_cond=w_emb).sample
                     goal = solver.consistency(pred.float(), x_s, s)
@@ -603,6 +649,25 @@ def distill_inputs(cfg: DistillConfig, cache: LatentCache, indices: list[int], g
     return z, cond.to(device, z.dtype), n, w
 
 
+def sampler_inputs(student, solver: Solver, like: torch.Tensor, n: torch.Tensor, cond: torch.Tensor, w_emb,
+                   gen: list[torch.Generator]) -> torch.Tensor:
+    """x at each item's grid point n (an index into solver.grid) as the student's own sampler, stepping every grid
+    point, reaches it: pure noise at the top, then at each point the consistency function's x0 re-noised with fresh
+    noise to the point below, as LCMScheduler steps. Each point is one pass over the items still above theirs."""
+    x = randn_tensor(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+    n = n.to(like.device)
+    for level in range(len(solver.grid) - 1, 0, -1):
+        fresh = randn_tensor(like.shape, generator=gen, device=like.device, dtype=like.dtype)  # drawn for all: resumable
+        rows = (n < level).nonzero().flatten()
+        if not len(rows):
+            continue
+        t = solver.grid[level].expand(len(rows)).to(like.device)
+        pred = student(x[rows], t, cond[rows], timestep_cond=None if w_emb is None else w_emb[rows]).sample.float()
+        x0 = solver.consistency(pred, x[rows], t)
+        x[rows] = solver.noised(x0, fresh[rows], solver.grid[level - 1].expand(len(rows)).to(like.device)).to(x.dtype)
+    return x
+
+
 def guided_scales(solver: Solver, t: torch.Tensor, w: torch.Tensor, cfg: DistillConfig) -> torch.Tensor:
     """The scale the teacher guides each sample's solver step with: w inside `guidance.interval` (the noise level
     at t), 1 (its conditional prediction alone) outside, as `ldm.sampling.denoise` samples with an interval."""
@@ -614,20 +679,28 @@ def guided_scales(solver: Solver, t: torch.Tensor, w: torch.Tensor, cfg: Distill
 
 
 def teacher_step(teacher_unet, solver: Solver, x: torch.Tensor, path: torch.Tensor, cond: torch.Tensor,
-                 empty: torch.Tensor, scales, autocast, heun: bool = False) -> torch.Tensor:
+                 empty: torch.Tensor, scales, autocast, heun: bool = False, multistep: bool = False) -> torch.Tensor:
     """x_s: the solver's steps along `path` (times per item, rows t, ..., s) with the teacher's classifier-free
     guided prediction at `scales(time)` (uncond + w (cond - uncond), one batch of both; x0 and eps are linear in
     it, so guiding the prediction guides both, as LCM's eq. 9 guides each). `heun`: each step with Heun's
-    correction, a second guided prediction at its end. `autocast()`: the context the passes run in."""
+    correction, a second guided prediction at its end; `multistep`: each step after the first DPM-Solver++(2M)'s,
+    from the x0 of the step before (`multistep_update`). `autocast()`: the context the passes run in."""
     with teacher_unet() as unet, autocast():
         def guided(x, time):
             both = unet(torch.cat([x, x]), torch.cat([time, time]), torch.cat([empty.expand_as(cond), cond])).sample.float()
             uncond, text = both.chunk(2)
             return uncond + scales(time).to(x.device, x.dtype).view(-1, *[1] * (x.ndim - 1)) * (text - uncond)
 
+        before = None  # (time, x0) of the step before, for the multistep update
         for a, b in zip(path[:-1], path[1:]):
             prediction = guided(x, a)
-            x_b = solver.update(prediction, x, a, b)
+            if multistep and before is not None:
+                x0 = solver.denoised(prediction, x, a)
+                x_b = multistep_update(solver, x, a, b, x0, *before)
+            else:
+                x_b = solver.update(prediction, x, a, b)
+            if multistep:
+                before = (a, x0 if before is not None else solver.denoised(prediction, x, a))
             if heun:
                 x_b = solver.corrected(x, a, b, prediction, x_b, guided(x_b, solver.model_timestep(b)))
             x = x_b
@@ -688,6 +761,7 @@ def export_student(cfg: DistillConfig, unet, teacher: Pipeline, solver: Solver, 
                          "embedding_of": "guidance_scale - 1 (diffusers' timestep_cond)"},
             **solver.record(), "solver_steps": cfg.consistency.solver_steps,
             "solver_substeps": cfg.consistency.solver_substeps, "solver_order": cfg.consistency.solver_order,
+            "multistep": cfg.consistency.multistep, "on_policy": cfg.consistency.on_policy,
             "timestep_scaling": cfg.consistency.timestep_scaling if solver.objective == "diffusion" else None,
             "target_decay": cfg.consistency.target_decay, "huber_c": cfg.consistency.huber_c,
             "lora": to_dict(cfg.lora) if cfg.lora.rank else None,  # merged into unet/; the adapters alone in ../lora/

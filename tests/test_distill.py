@@ -345,7 +345,7 @@ def test_a_lora_run_exports_the_merged_student_and_an_lcm_lora_that_loads_onto_t
 
     monkeypatch.setattr(distill_module, "teacher_step", spy)
     pipeline = distill(distill_cfg(out, teacher, latents, *LORA, "train.lr=1e-2", "consistency.target_decay=0",
-                                   "consistency.teacher_dtype=bf16"))
+                                   "consistency.teacher_dtype=bf16", "consistency.on_policy=1"))  # as shapes_cpu_lora.yaml
     assert solved_in and set(solved_in) == {torch.bfloat16}
     start, end = unet_weights(teacher / "pipeline"), unet_weights(pipeline)
     assert start.keys() == end.keys()  # no guidance embedding: the teacher's architecture

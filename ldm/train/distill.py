@@ -347,9 +347,6 @@ class FlowSolver:
         sigma = self.sigma(t, like)
         return 1 - sigma, sigma
 
-    def denoised(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return x - self.sigma(t, x) * prediction
-
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
         """EDM's sigma of each grid timestep t, as the sampler measures it (`ldm.sampling.noise_level`)."""
         return noise_level(self.reference, t)
@@ -366,6 +363,8 @@ class FlowSolver:
 
     def consistency(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return x - self.sigma(t, x) * prediction
+
+    denoised = consistency  # the x0 of a velocity: the consistency function needs no c_skip here
 
     @staticmethod
     def model_timestep(s: torch.Tensor) -> torch.Tensor:
@@ -582,8 +581,10 @@ def distill(cfg: DistillConfig) -> Path:
                      if cfg.guidance.embedding_dim else None)
             if cc.on_policy:
                 own = (uniform(gen) < cc.on_policy).to(device)
+                top = torch.full_like(n, len(solver.grid) - 1)  # the others are rolled out no further than pure noise
                 with torch.no_grad(), evaluating(raw), no_grad_autocast():
-                    x_t = torch.where(own.view(-1, 1, 1, 1), sampler_inputs(raw, solver, z, n, cond, w_emb, gen), x_t)
+                    rolled = sampler_inputs(raw, solver, z, torch.where(own.to(n.device), n, top), cond, w_emb, gen)
+                x_t = torch.where(own.view(-1, 1, 1, 1), rolled, x_t)
             with accelerator.accumulate(unet):
                 online = solver.consistency(unet(x_t, t, cond, timestep_cond=w_emb).sample, x_t, t)
                 with torch.no_grad():
@@ -694,13 +695,9 @@ def teacher_step(teacher_unet, solver: Solver, x: torch.Tensor, path: torch.Tens
         before = None  # (time, x0) of the step before, for the multistep update
         for a, b in zip(path[:-1], path[1:]):
             prediction = guided(x, a)
-            if multistep and before is not None:
-                x0 = solver.denoised(prediction, x, a)
-                x_b = multistep_update(solver, x, a, b, x0, *before)
-            else:
-                x_b = solver.update(prediction, x, a, b)
-            if multistep:
-                before = (a, x0 if before is not None else solver.denoised(prediction, x, a))
+            x0 = solver.denoised(prediction, x, a) if multistep else None
+            x_b = multistep_update(solver, x, a, b, x0, *before) if before else solver.update(prediction, x, a, b)
+            before = (a, x0) if multistep else None
             if heun:
                 x_b = solver.corrected(x, a, b, prediction, x_b, guided(x_b, solver.model_timestep(b)))
             x = x_b

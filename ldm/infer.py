@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -257,6 +258,41 @@ def _check_request(pipe: Pipeline, prompts, negative_prompts, seeds, width, heig
         raise ValueError(f"{pipe.path}: a 9-channel inpainting UNet needs init_image and mask_image")
 
 
+_AND = re.compile(r"\s+AND\s+")
+_WEIGHT = re.compile(r"(.*?)\s*:\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*", re.S)
+
+
+def prompt_parts(prompt: str) -> list[tuple[str, float]]:
+    """A composed prompt's parts and their weights, in the syntax of Liu et al. 2022 and AUTOMATIC1111:
+    "a green square AND on a black background :0.8" is [("a green square", 1.0), ("on a black background", 0.8)].
+    A prompt without " AND " is one part of weight 1, taken verbatim (a colon in it is only text)."""
+    texts = _AND.split(prompt)
+    if len(texts) == 1:
+        return [(prompt, 1.0)]
+    parts = []
+    for text in texts:
+        match = _WEIGHT.fullmatch(text)
+        text, weight = (match[1], float(match[2])) if match else (text.strip(), 1.0)
+        if not text:
+            raise ValueError(f"an empty part in the composed prompt {prompt!r}")
+        parts.append((text, weight))
+    return parts
+
+
+def encode_composed(pipe: Pipeline, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(conditioning, part weights): for plain prompts the prompts' embeddings (B, ...) and None; if any prompt
+    is composed ("... AND ..."), the K parts' embeddings, part k of every prompt in the k-th block (K * B, ...),
+    and their weights (K, B); a prompt of fewer parts is padded with "" at weight 0 (`ldm.sampling.denoise`)."""
+    parts = [prompt_parts(p) for p in prompts]
+    if all(len(p) == 1 for p in parts):
+        return encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, pipe.clip_skip, pipe.device), None
+    k = max(len(p) for p in parts)
+    padded = [p + [("", 0.0)] * (k - len(p)) for p in parts]
+    texts = [padded[i][j][0] for j in range(k) for i in range(len(prompts))]
+    weights = torch.tensor([[p[j][1] for p in padded] for j in range(k)])
+    return encode_prompts(pipe.text_encoder, pipe.tokenizer, texts, pipe.clip_skip, pipe.device), weights
+
+
 def check_distilled_guidance(pipe: Pipeline, guidance_scale: float) -> None:
     """Warn where a consistency-distilled model is asked for a guidance it was not distilled for: with a
     guidance embedding, a scale outside the distilled range extrapolates; without one (an LCM-LoRA, one
@@ -402,9 +438,9 @@ def _generate_batch(pipe: Pipeline, prompts, negative_prompts, seeds, images: _I
     """
     n, f, device, dtype = len(prompts), pipe.vae_factor, pipe.device, pipe.dtype
     generators = seeded_generators(seeds)
-    cond = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, pipe.clip_skip, device)
+    cond, part_weights = encode_composed(pipe, prompts)
     uncond = (encode_prompts(pipe.text_encoder, pipe.tokenizer, negative_prompts, pipe.clip_skip, device)
-              if s["guidance_scale"] > 1 else None)
+              if s["guidance_scale"] > 1 or part_weights is not None else None)
     scheduler = make_scheduler(s["scheduler"], pipe.base_scheduler_config)
     seed_sde_noise(scheduler, seeds)
     latent_shape = (n, pipe.vae.config.latent_channels, s["height"] // f, s["width"] // f)
@@ -414,6 +450,7 @@ def _generate_batch(pipe: Pipeline, prompts, negative_prompts, seeds, images: _I
     snapshots = []  # (i, t, x_t, predicted x0) after every step
     latents = denoise(pipe.unet, scheduler, cond, uncond, noise, num_steps=s["steps"], guidance_scale=s["guidance_scale"],
                       guidance_rescale=s["guidance_rescale"], guidance_interval=s["guidance_interval"],
+                      part_weights=part_weights,
                       generator=generators, eta=s["eta"],
                       image_latents=image_latents, strength=s["strength"] or 1.0, inpaint=inpaint,
                       callback=(lambda *snapshot: snapshots.append(snapshot)) if trajectory_every else None,

@@ -477,6 +477,7 @@ def denoise(
     class_labels: torch.Tensor | None = None, uncond_class_labels: torch.Tensor | None = None,
     classifier_guidance: ClassifierGuidance | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    part_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reverse process: classifier-free guided steps from noise (or a noised image) to x_0.
 
@@ -492,6 +493,10 @@ def denoise(
     `guidance_interval` (lo, hi) applies classifier-free guidance only at the steps whose noise level (EDM sigma,
     `noise_level`) lies in (lo, hi], and the conditional prediction alone, one U-Net pass, elsewhere (Kynkaanniemi
     et al. 2024, "Applying guidance in a limited interval": guidance at high noise narrows what is drawn).
+    `part_weights` (K, B) composes K prompts per image (Liu et al. 2022, "Compositional visual generation with
+    composable diffusion models"): `cond` is then (K * B, ...), part k of every image in the k-th block, and the
+    conditional prediction is u + sum_k w_k (e_k - u), the score of the product of the parts' distributions, which
+    guidance then scales; it needs `uncond`, and outside `guidance_interval` it is taken at scale 1.
     """
     guidance_interval = check_guidance_interval(guidance_interval)
     blend = inpaint is not None and inpaint.masked_image_latents is None
@@ -502,7 +507,12 @@ def denoise(
     timesteps, x = _start(scheduler, noise, num_steps, strength, image_latents, from_image)
     # a consistency-distilled U-Net takes the guidance scale as an input (LCM): one pass per step, no CFG batch
     embedding_dim = guidance_embedding_dim(unet)
-    guided = uncond is not None and guidance_scale > 1.0 and embedding_dim is None
+    composed = part_weights is not None
+    parts = part_weights.shape[0] if composed else 1
+    if composed and (uncond is None or embedding_dim is not None):
+        raise ValueError("composed prompts need the unconditional prediction: pass uncond, and a U-Net that is not "
+                         "consistency-distilled")
+    guided = uncond is not None and (guidance_scale > 1.0 or composed) and embedding_dim is None
     unet_kwargs = {}
     if embedding_dim is not None:
         scales = torch.full((x.shape[0],), float(guidance_scale), dtype=torch.float64)
@@ -510,13 +520,14 @@ def denoise(
     embeddings = torch.cat([uncond, cond]) if guided else cond
     inpaint_channels = []  # what a 9-channel UNet sees beside the latents: the mask and the masked image
     if inpaint is not None and not blend:
-        inpaint_channels = [torch.cat([c] * 2) if guided else c for c in (inpaint.mask, inpaint.masked_image_latents)]
+        inpaint_channels = [torch.cat([c] * (1 + parts)) if guided else c
+                            for c in (inpaint.mask, inpaint.masked_image_latents)]
     extra = _step_kwargs(scheduler, generator, eta)
     labels = {}
     if class_labels is not None:
         if guided and uncond_class_labels is None:
             raise ValueError("pass uncond_class_labels (the null class) with class_labels and guidance on")
-        labels = {"class_labels": torch.cat([uncond_class_labels, class_labels]) if guided else class_labels}
+        labels = {"class_labels": torch.cat([uncond_class_labels] + [class_labels] * parts) if guided else class_labels}
     steered = classifier_guidance is not None and classifier_guidance.scale != 0  # scale 0: bit-identical
     if classifier_guidance is not None:
         problem = classifier_guidance_problem(scheduler, classifier_guidance.schedule)
@@ -530,17 +541,22 @@ def denoise(
     inputs = {True: (embeddings, inpaint_channels, labels),
               False: (cond, [c[-n:] for c in inpaint_channels], {k: v[-n:] for k, v in labels.items()})}
     for i, t in enumerate(timesteps):
-        guide = guided and in_interval(scheduler, t, guidance_interval)
+        inside = in_interval(scheduler, t, guidance_interval)
+        guide = guided and (inside or composed)  # composed prompts are always the sum of their parts' predictions
         step_embeddings, channels, step_labels = inputs[guide]
-        model_in = _scale_model_input(scheduler, torch.cat([x] * 2) if guide else x, t)
+        model_in = _scale_model_input(scheduler, torch.cat([x] * (1 + parts)) if guide else x, t)
         scaled = model_in[-n:]
         if channels:
             model_in = torch.cat([model_in, *channels], dim=1)
         pred = unet(model_in, t, encoder_hidden_states=step_embeddings, return_dict=False, **step_labels,
                     **unet_kwargs)[0]
         if guide:
-            pred_uncond, pred_text = pred.chunk(2)
-            pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
+            pred_uncond, *pred_parts = pred.chunk(1 + parts)
+            pred_text = pred_parts[0]
+            if composed:
+                pred_text = pred_uncond + sum(w.view(-1, 1, 1, 1).to(pred) * (e - pred_uncond)
+                                              for w, e in zip(part_weights, pred_parts))
+            pred = pred_uncond + (guidance_scale if inside else 1.0) * (pred_text - pred_uncond)
             if guidance_rescale > 0:  # Lin et al. 2024, sec. 3.4
                 pred = rescale_noise_cfg(pred, pred_text, guidance_rescale=guidance_rescale)
         else:

@@ -18,7 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.diffusion import NoiseConfig, scheduler_config
 from ldm.infer import (BATCH_SETTINGS, PNG_KEYS, build_parser, generate, group_batches, load_pipeline, main,
-                       plan_images, read_prompts, save_trajectory, save_with_metadata)
+                       plan_images, prompt_parts, read_prompts, save_trajectory, save_with_metadata)
 from ldm.models.presets import unet_config, vae_config
 from ldm.models.text import TEXT_PRESETS, build_tokenizer
 from ldm.sampling import SCHEDULERS, decode_latents, encode_images, make_scheduler, seed_sde_noise, seeded_generators
@@ -257,3 +257,25 @@ def test_cli_rejects_unknown_jsonl_keys_and_lists_schedulers(tmp_path, capsys):
     main(["--list-schedulers"])
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == list(SCHEDULERS)
+
+
+def test_prompt_parts_read_the_and_syntax():
+    assert prompt_parts("a clock: noon") == [("a clock: noon", 1.0)]  # no AND: taken verbatim
+    assert prompt_parts("a green square AND on a black background :0.8") == [("a green square", 1.0),
+                                                                            ("on a black background", 0.8)]
+    assert prompt_parts("x:2 AND  y AND z : -1.5") == [("x", 2.0), ("y", 1.0), ("z", -1.5)]
+    with pytest.raises(ValueError, match="empty part"):
+        prompt_parts("x AND :2")
+
+
+def test_composed_prompts_weigh_their_parts_and_batch_with_plain_ones(pipe):
+    def images(prompts):
+        return _arrays(generate(pipe, prompts, seeds=[3] * len(prompts), steps=3, guidance_scale=4.0, progress=False))
+
+    plain = images(["a red circle"])
+    np.testing.assert_allclose(images(["a red circle AND a blue square :0"]), plain, atol=1e-5)
+    both = images(["a red circle AND a blue square"])
+    assert np.abs(both - plain).max() > 1e-3
+    # in one batch, the plain prompt is padded with a part of weight 0: each image is what it is alone
+    mixed = images(["a red circle", "a red circle AND a blue square"])
+    np.testing.assert_allclose(mixed, np.concatenate([plain, both]), atol=1e-5)

@@ -12,7 +12,7 @@ from ldm.diffusion import NoiseConfig, scheduler_config
 from ldm.models.presets import unet_config, vae_config
 from ldm.sampling import (SCHEDULERS, Inpainting, decode_latents, denoise, encode_images, initial_noise,
                           make_scheduler, noise_level, predicted_x0, sampler_objective, scheduler_name_of, seed_sde_noise,
-                          seeded_generators)
+                          seeded_generators, set_steps)
 
 # The training schedules a model can come with (ldm.diffusion is what stage 3 saves).
 SCHEDULES = {
@@ -213,3 +213,30 @@ def test_guidance_interval_guides_only_the_steps_inside_it(models, name, schedul
     assert not torch.equal(middle, guided) and not torch.equal(middle, unguided)
     with pytest.raises(ValueError, match="need 0 <= lo < hi"):
         run(guidance_interval=(2.0, 1.0))
+
+
+def test_composed_prompts_sum_their_parts_scores(models):
+    """Liu et al. 2022: u + g * sum_k w_k (e_k - u), against the U-Net called on each part by hand."""
+    unet, _, cond, uncond = models
+    other = torch.randn(cond.shape, generator=torch.Generator().manual_seed(5))
+    weights = torch.tensor([[1.0, 0.5], [0.7, -0.3]])  # (parts, images)
+    noise, _ = _noise()
+    out = denoise(unet, make_scheduler("ddim", SCHEDULES["epsilon"]), torch.cat([cond, other]), uncond, noise,
+                  num_steps=1, guidance_scale=3.0, part_weights=weights)
+    scheduler = make_scheduler("ddim", SCHEDULES["epsilon"])
+    set_steps(scheduler, 1, "cpu")
+    t = scheduler.timesteps[0]
+    with torch.no_grad():
+        u, a, b = (unet(noise, t, encoder_hidden_states=c).sample for c in (uncond, cond, other))
+    composed = u + weights[0].view(-1, 1, 1, 1) * (a - u) + weights[1].view(-1, 1, 1, 1) * (b - u)
+    expected = scheduler.step(u + 3.0 * (composed - u), t, noise).prev_sample
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    # one part of weight 1 is plain guidance; a composition needs the unconditional prediction
+    plain = denoise(unet, make_scheduler("ddim", SCHEDULES["epsilon"]), cond, uncond, noise, num_steps=2, guidance_scale=3.0)
+    one = denoise(unet, make_scheduler("ddim", SCHEDULES["epsilon"]), cond, uncond, noise, num_steps=2, guidance_scale=3.0,
+                  part_weights=torch.ones(1, 2))
+    torch.testing.assert_close(one, plain, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="composed prompts need the unconditional prediction"):
+        denoise(unet, make_scheduler("ddim", SCHEDULES["epsilon"]), torch.cat([cond, other]), None, noise, num_steps=1,
+                part_weights=weights)

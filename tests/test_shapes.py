@@ -25,6 +25,7 @@ from ldm.data.shapes import (
     all_single_object_scenes,
     analyze,
     caption,
+    composed_caption,
     eval_prompts,
     parse_caption,
     render,
@@ -178,6 +179,29 @@ def test_attribute_dropout_leaves_words_out_and_says_only_what_is_true():
     assert not any(" shape" in full[i]["caption"] for i in range(300))
     assert "an orange shape" == caption(Scene("gray", (ShapeObject("star", "orange", "small", "left"),)),
                                         omit={"size", "shape", "position", "background"})
+
+
+def test_part_dropout_says_the_objects_or_the_background_alone_and_composes_back():
+    full = ShapesDataset(size=300, resolution=8)
+    parts = ShapesDataset(size=300, resolution=8, part_dropout=0.4)
+    objects_only = background_only = 0
+    for i in range(300):
+        text, scene = parts[i]["caption"], full[i]["scene"]
+        assert parts[i]["scene"] == scene
+        if text == full[i]["caption"]:
+            continue
+        obj = scene.objects[0]
+        objects_only += text == caption(scene, omit={"background"})
+        background_only += scene.background in text and not {obj.color, obj.shape, obj.size} & set(text.split())
+    assert 40 <= objects_only <= 80 and 40 <= background_only <= 80, (objects_only, background_only)
+    assert objects_only + background_only == sum(parts[i]["caption"] != full[i]["caption"] for i in range(300))
+    with pytest.raises(ValueError, match="part_dropout"):
+        ShapesDataset(part_dropout=0.2, attribute_dropout=0.2)
+    # the composed prompt of a caption is its two parts, each in the phrasing the caption has
+    text = "on a black background, a small green square at the top"
+    assert composed_caption(text) == "a small green square at the top AND on a black background, a shape"
+    assert parse_caption(composed_caption(text).split(" AND ")[1].replace("a shape", "a small green square at the top")) \
+        == parse_caption(text)
 
 
 def test_two_object_fraction_mixes_scenes_and_keeps_the_single_ones():

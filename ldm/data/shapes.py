@@ -314,6 +314,17 @@ def partial_caption(scene: Scene, rng: np.random.Generator, p: float, phrasing: 
     return caption(scene, phrasing=phrasing, omit=omit)
 
 
+def part_caption(scene: Scene, rng: np.random.Generator, p: float, phrasing: int = 0) -> str:
+    """The caption, or with probability ``p`` one of its two parts, at even odds: the objects alone
+    ("a small green square at the top") or the background alone ("a shape, on a black background").
+    Trained on these beside full captions, a model can be asked for each part apart and the parts'
+    predictions composed (``ldm.infer``'s "AND" prompts), as Liu et al. 2022 compose concepts."""
+    if rng.random() >= p:
+        return caption(scene, phrasing=phrasing)
+    omit = {"background"} if rng.random() < 0.5 else set(_ATTRIBUTES)
+    return caption(scene, phrasing=phrasing, omit=omit)
+
+
 def _alternatives(words) -> str:
     return "|".join(re.escape(w) for w in words)
 
@@ -346,13 +357,25 @@ def _parse_objects(text: str) -> tuple[ShapeObject, ...] | None:
 
 def parse_caption(text: str) -> Scene:
     """Inverse of ``caption`` for every phrasing (case and surrounding spaces ignored); jitter is 0."""
+    return _parse_phrased(text)[0]
+
+
+def _parse_phrased(text: str) -> tuple[Scene, int]:
     normalized = " ".join(text.lower().split()).rstrip(".")
-    for pattern in _PHRASING_RES:
+    for phrasing, pattern in enumerate(_PHRASING_RES):
         match = pattern.fullmatch(normalized)
         objects = _parse_objects(match["objects"]) if match else None
         if objects:
-            return Scene(match["background"], objects)
+            return Scene(match["background"], objects), phrasing
     raise ValueError(f"not a shapes caption: {text!r}")
+
+
+def composed_caption(text: str) -> str:
+    """A caption as a composed prompt (``ldm.infer.prompt_parts``): its objects AND its background, in its
+    phrasing: "a small green square at the top AND a shape, on a black background". Each part is a caption
+    that ``part_dropout`` trains on."""
+    scene, phrasing = _parse_phrased(text)
+    return f"{caption(scene, omit={'background'})} AND {caption(scene, phrasing=phrasing, omit=set(_ATTRIBUTES))}"
 
 
 # ------------------------------------------------------------------------------ dataset
@@ -377,6 +400,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         captions_per_image: int = 1,
         two_object_fraction: float = 0.0,
         attribute_dropout: float = 0.0,
+        part_dropout: float = 0.0,
     ):
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
@@ -391,7 +415,10 @@ class ShapesDataset(torch.utils.data.Dataset):
                              f"with num_objects={num_objects}")
         if not 0.0 <= attribute_dropout < 1.0:
             raise ValueError(f"attribute_dropout must be in [0, 1), got {attribute_dropout}")
+        if not 0.0 <= part_dropout < 1.0 or (part_dropout and attribute_dropout):
+            raise ValueError(f"part_dropout must be in [0, 1), and not with attribute_dropout, got {part_dropout}")
         self.two_object_fraction, self.attribute_dropout = two_object_fraction, attribute_dropout
+        self.part_dropout = part_dropout
         self.size, self.resolution, self.seed = size, resolution, seed
         self.num_objects, self.exclude, self.jitter = num_objects, _check_exclude(exclude), jitter
         self.captions_per_image = captions_per_image
@@ -413,6 +440,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         if self.attribute_dropout:
             words = np.random.default_rng([self.seed, index, 1])
             captions = [partial_caption(scene, words, self.attribute_dropout, k) for k in phrasings]
+        elif self.part_dropout:
+            words = np.random.default_rng([self.seed, index, 1])
+            captions = [part_caption(scene, words, self.part_dropout, k) for k in phrasings]
         else:
             captions = [caption(scene, phrasing=k) for k in phrasings]
         return {

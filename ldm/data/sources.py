@@ -80,7 +80,7 @@ REASONS: dict[str, str] = {
 PIL_MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS (~ 9459 x 9459)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # webdataset members
 SHAPES_FIELDS = ("size", "resolution", "seed", "num_objects", "exclude", "captions_per_image", "two_object_fraction",
-                 "attribute_dropout")
+                 "attribute_dropout", "part_dropout")
 
 
 @dataclasses.dataclass
@@ -103,6 +103,7 @@ class SourceConfig:
     captions_per_image: int = 1    # differently phrased captions per image
     two_object_fraction: float = 0.0  # with num_objects 1: this share of the scenes has two shapes, one caption naming both
     attribute_dropout: float = 0.0    # each caption leaves each attribute unsaid with this probability ("a red shape")
+    part_dropout: float = 0.0         # each caption is cut to its objects or its background alone with this probability
 
     def validate(self) -> None:
         require(self.kind == "shapes" or bool(self.path), f"source.path is required for kind {self.kind!r}")
@@ -476,7 +477,8 @@ def _shapes_items(cfg: SourceConfig) -> Opened:
 
     dataset = ShapesDataset(size=cfg.size, resolution=cfg.resolution, seed=cfg.seed, num_objects=cfg.num_objects,
                             exclude=cfg.exclude, captions_per_image=cfg.captions_per_image,
-                            two_object_fraction=cfg.two_object_fraction, attribute_dropout=cfg.attribute_dropout)
+                            two_object_fraction=cfg.two_object_fraction, attribute_dropout=cfg.attribute_dropout,
+                            part_dropout=cfg.part_dropout)
 
     return _listed([_Item(f"shapes/{i}", functools.partial(_shapes_row, dataset, i)) for i in range(len(dataset))])
 

@@ -267,6 +267,41 @@ def test_locality_loss_is_zero_for_a_local_code_and_not_for_a_pooled_one():
         train_vae_module.locality_loss(ae, x, ae(x), 4, seed=0, step=1)
 
 
+class _Invertible(nn.Module):
+    """A lossless autoencoder of 2x2 patches (pixel_unshuffle); `pooled` adds the image's mean code to every
+    cell and its decoder takes it off again, so it reconstructs every whole image but codes each cell from
+    the whole image, as GroupNorm's statistics do."""
+
+    def __init__(self, pooled: bool):
+        super().__init__()
+        self.pooled = pooled
+
+    def forward(self, x, encode_only=False, decode_only=False):
+        if decode_only:
+            return nn.functional.pixel_shuffle(x - x.mean((2, 3), keepdim=True) / 2 if self.pooled else x, 2)
+        z = nn.functional.pixel_unshuffle(x, 2)
+        return z + z.mean((2, 3), keepdim=True) if self.pooled else z
+
+
+def test_composite_loss_is_zero_for_a_local_autoencoder_and_not_for_a_pooled_one():
+    x = torch.rand(4, 3, 20, 20) * 2 - 1
+    for pooled in (False, True):
+        ae = _Invertible(pooled)
+        torch.testing.assert_close(ae(ae(x), decode_only=True), x)  # both reconstruct every whole image
+        encoded, decoded = train_vae_module.composite_loss(ae, x, ae(x), seed=0, step=3)
+        assert (min(encoded.item(), decoded.item()) > 1e-3) if pooled else max(encoded.item(), decoded.item()) < 1e-10
+    with pytest.raises(ConfigError, match="5 or more latent cells"):
+        train_vae_module.composite_loss(ae, x[..., :8, :8], ae(x[..., :8, :8]), seed=0, step=3)
+
+
+def test_composite_term_trains_and_is_logged(tmp_path):
+    out = train_vae(vae_cfg(tmp_path, "train.steps=2", "data.source.resolution=32", "data.transform.resolution=32",
+                            "composite_weight=1.0"))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert (out / "config.json").is_file()
+    assert all(line["composite_enc"] > 0 and line["composite_dec"] > 0 for line in lines if "rec" in line)
+
+
 def test_locality_term_is_logged_when_weighted(run):
     lines = [line for line in run["lines"] if "rec" in line]
     assert lines and all(line["locality"] > 0 for line in lines)  # a GroupNorm VAE's codes are not yet local
@@ -276,6 +311,8 @@ def test_config_errors_name_the_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights in the hub cache
     with pytest.raises(ConfigError, match="fid_weights"):
         vae_cfg(tmp_path, "fid=true")
+    with pytest.raises(ConfigError, match="composite_weight pastes between the images of a batch"):
+        vae_cfg(tmp_path, "composite_weight=1", "train.batch_size=1")
     with pytest.raises(ConfigError, match="model.train_decoder_only is for fine-tuning"):
         vae_cfg(tmp_path, "model.train_decoder_only=true")
     with pytest.raises(ConfigError, match="model.norm_num_groups=8 must divide"):

@@ -47,6 +47,8 @@ class VAETrainConfig:
                                        # code of that window of the whole image, so an object's code does not
                                        # depend on the rest of the scene (issue #23, docs/composition.md)
     locality_crop: int = 0             # its crops' size in px (a multiple of the downsampling factor); 0: half the image
+    composite_weight: float = 0.0      # weight of the cut-and-paste term (`composite_loss`): a rectangle of one image's
+                                       # code pasted into another's must encode from, and decode to, the pasted image
     grid_images: int = 16              # held-out images in each reconstruction grid
     fid: bool = False                  # rFID/rKID on the held-out set with FID's Inception (see ldm.metrics)
     fid_weights: str = ""              # torch-fidelity's Inception weights file; "": torch's hub cache
@@ -59,6 +61,9 @@ class VAETrainConfig:
         require(self.scale_images > 0, "scale_images must be > 0")
         require(self.crop_size >= 0, "crop_size must be >= 0")
         require(self.locality_weight >= 0 and self.locality_crop >= 0, "locality_weight and locality_crop must be >= 0")
+        require(self.composite_weight >= 0, "composite_weight must be >= 0")
+        require(not self.composite_weight or self.train.batch_size >= 2,
+                "composite_weight pastes between the images of a batch: train.batch_size must be >= 2")
         check_spec("features", self.features)
         if self.fid and not self.features:
             weights = Path(self.fid_weights) if self.fid_weights else default_inception_path()
@@ -154,6 +159,10 @@ def train_vae(cfg: VAETrainConfig, features: torch.nn.Module | None = None) -> P
                     local = locality_loss(ae, x, posterior.mean, cfg.locality_crop, loop.seed, step)
                     g_loss = g_loss + cfg.locality_weight * local
                     logs["locality"] = local.item()
+                if cfg.composite_weight:
+                    encoded, decoded = composite_loss(ae, x, posterior.mean, loop.seed, step)
+                    g_loss = g_loss + cfg.composite_weight * (encoded + decoded)
+                    logs.update(composite_enc=encoded.item(), composite_dec=decoded.item())
                 if guard.ok(g_loss):
                     accelerator.backward(g_loss)
                     if accelerator.sync_gradients and loop.max_grad_norm:  # the norm before clipping
@@ -230,6 +239,48 @@ def locality_loss(ae: torch.nn.Module, x: torch.Tensor, z: torch.Tensor, crop: i
     return (z_crop[inner] - window[inner]).pow(2).flatten(1).sum(1).mean()
 
 
+def composite_loss(ae: torch.nn.Module, x: torch.Tensor, z: torch.Tensor, seed: int,
+                   step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(encoder term, decoder term) of cut-and-paste consistency, over the pairs (first half of the batch,
+    second half): a rectangle of latent cells from one image's code `z` (posterior means) pasted into the
+    other's must be the code of the image pasted the same way, and must decode to it. Both are measured
+    away from the rectangle's edge (one latent cell each side), where a cell mixes the two images.
+
+    `locality_loss` asks the encoder alone for local codes; its decoder still reads the whole image's
+    statistics (GroupNorm), so a code put together from parts, which is what a U-Net that composes
+    writes, decodes to something else. The encoder term is divided by the codes' variance (detached),
+    so it cannot be met by shrinking every code; the decoder term is summed per image, as the NLL is.
+    One rectangle per batch, its place and size fixed by (seed, step), so resume is exact.
+    """
+    n = x.shape[0] // 2
+    h, w = z.shape[-2:]
+    factor = x.shape[-1] // w
+    require(n > 0 and min(h, w) >= 5, f"composite_weight needs 2 or more images a batch and 5 or more latent cells a "
+                                      f"side, got {x.shape[0]} of {h}x{w}")
+    g = torch.Generator().manual_seed(seed * 1_000_037 + step)
+
+    def span(side: int) -> slice:
+        length = int(torch.randint(3, side - 1, (1,), generator=g))
+        start = int(torch.randint(0, side - length + 1, (1,), generator=g))
+        return slice(start, start + length)
+
+    mask = torch.zeros(1, 1, h, w, device=z.device, dtype=z.dtype)
+    mask[..., span(h), span(w)] = 1
+
+    def eroded(m: torch.Tensor) -> torch.Tensor:  # the image's own border is no edge (max_pool pads with -inf)
+        return -torch.nn.functional.max_pool2d(-m, 3, 1, 1)
+
+    valid = eroded(mask) + eroded(1 - mask)
+    pixels = mask.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+    valid_pixels = valid.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+    a, b, z_a, z_b = x[:n], x[n : 2 * n], z[:n], z[n : 2 * n]
+    pasted_image = pixels * a + (1 - pixels) * b
+    pasted_code = mask * z_a + (1 - mask) * z_b
+    encoded = ((ae(pasted_image, encode_only=True) - pasted_code).pow(2) * valid).sum() / n / z.detach().var()
+    decoded = ((ae(pasted_code, decode_only=True) - pasted_image).abs() * valid_pixels).sum() / n
+    return encoded, decoded
+
+
 class Autoencode(torch.nn.Module):
     """encode -> sample -> decode in one forward, so DDP sees (and syncs) the whole autoencoder,
     and the NLL's learned log-variance (used by the loss after this forward) with it."""
@@ -238,7 +289,9 @@ class Autoencode(torch.nn.Module):
         super().__init__()
         self.vae, self.logvar = vae, logvar
 
-    def forward(self, x: torch.Tensor, encode_only: bool = False):
+    def forward(self, x: torch.Tensor, encode_only: bool = False, decode_only: bool = False):
+        if decode_only:  # x is a code (the composite term's pasted ones)
+            return self.vae.decode(x).sample
         posterior = self.vae.encode(x).latent_dist
         if encode_only:  # the posterior mean (the locality term's crops)
             return posterior.mean
